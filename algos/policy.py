@@ -1,0 +1,211 @@
+"""The policy: loading a causal LM + tokenizer, token log-probs, batching, the frozen reference.
+
+Temperature convention (McGill-NLP/VinePPO, `trainers/ppo_trainer.py` `_forward_pass_actor`):
+every training-time forward pass divides the logits by the *sampling* temperature before
+`log_softmax`, for the actor, ``π_old`` and ``π_ref`` alike. The optimised policy is therefore the
+tempered one, and the log-probs here match those the sampler returns (`algos.sampling`), so the
+PPO ratio is 1 at the start of an iteration. Top-p is not part of the distribution.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["load_policy", "batch_sequences", "token_logprobs", "response_logprobs", "clone_reference"]
+
+logger = logging.getLogger(__name__)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """True for names that must be a local path rather than a hub id.
+
+    Absolute, ``./``/``../`` and ``~`` paths, anything that exists, and anything whose first path
+    component exists (``runs/sft/final`` when ``runs/`` is here).
+    """
+    if name.startswith(("/", ".", "~")) or os.path.exists(name):
+        return True
+    first = name.replace("\\", "/").split("/", 1)[0]
+    return "/" in name.replace("\\", "/") and os.path.exists(first)
+
+
+def load_policy(
+    name_or_path: str, dtype: torch.dtype | str = "auto", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+    Args:
+        name_or_path: a directory written by ``save_pretrained`` or a hub id (``org/name``).
+        dtype: ``"auto"`` (the checkpoint's dtype), a `torch.dtype`, or its name (``"bfloat16"``).
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode on ``device``; the tokenizer with
+        ``padding_side="left"`` (for generation) and a PAD token.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` looks like a local path (starts with ``/``, ``.``,
+            ``~``, or its first component exists) but is not a directory. No hub lookup is tried.
+        ValueError: the tokenizer has no EOS token, or ``dtype`` is not a torch dtype name.
+
+    A tokenizer without PAD gets EOS as PAD (a warning is logged); masks, never the PAD id, mark
+    padding everywhere in this package.
+    """
+    name = str(name_or_path)
+    if _looks_like_local_path(name):
+        path = os.path.expanduser(name)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory not found: {name!r} (resolved to {os.path.abspath(path)!r})")
+        name, local_only = path, True
+    else:
+        local_only = False
+    if isinstance(dtype, str) and dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype: expected 'auto', a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+        dtype = resolved
+
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; generation could never stop")
+    if tokenizer.pad_token_id is None:
+        logger.warning("tokenizer of %r has no PAD token; using EOS (%r) as PAD", name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def batch_sequences(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, Tensor]:
+    """Right-pad prompt+response concatenations into one batch.
+
+    Args:
+        prompt_ids: B prompts (token ids, each non-empty).
+        response_ids: B responses (token ids, may be empty).
+        pad_id: id written at padding positions (never read: use the masks).
+
+    Returns:
+        A dict of CPU tensors, with ``L = max_i (len(prompt_i) + len(response_i))``:
+        ``input_ids`` (B, L) long; ``attention_mask`` (B, L) long, 1 on real tokens;
+        ``response_mask`` (B, L) bool, True on response tokens; ``prompt_lengths`` (B,) long and
+        ``response_lengths`` (B,) long, in tokens.
+
+    Raises:
+        ValueError: different numbers of prompts and responses, or an empty prompt.
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"expected as many responses as prompts, got {len(response_ids)} responses for {len(prompt_ids)} prompts")
+    if len(prompt_ids) == 0:
+        raise ValueError("expected at least one sequence, got an empty batch")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; expected at least one token")
+    prompt_lengths = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    response_lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
+    width = int((prompt_lengths + response_lengths).max())
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width), int(pad_id), dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    response_mask = torch.zeros((batch, width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        n_p, n_r = len(p), len(r)
+        input_ids[i, : n_p + n_r] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attention_mask[i, : n_p + n_r] = 1
+        response_mask[i, n_p : n_p + n_r] = True
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "prompt_lengths": prompt_lengths,
+        "response_lengths": response_lengths,
+    }
+
+
+def token_logprobs(
+    model, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> Tensor:
+    """Per-token log-probs ``log π(x_t | x_<t)`` under ``softmax(logits / temperature)``.
+
+    Args:
+        model: a causal LM returning ``.logits`` of shape (B, L, V).
+        input_ids: (B, L) long; left or right padded (positions come from the mask).
+        attention_mask: (B, L), 1 on real tokens, 0 on padding.
+        temperature: the sampling temperature (VinePPO: 0.6); ``0`` (greedy) means plain
+            ``log_softmax(logits)``, as the sampler reports for greedy decoding.
+        chunk_size: rows per forward pass; ``None`` runs the whole batch at once. Peak memory is
+            one chunk's (chunk, L, V) logits plus their float32 log-softmax.
+
+    Returns:
+        (B, L) float32, in nats, differentiable w.r.t. the model's parameters (unless called under
+        `torch.no_grad`). Position 0 and padding positions are 0.
+
+    Raises:
+        ValueError: negative or non-finite temperature, mismatched shapes, chunk_size < 1.
+
+    Source: McGill-NLP/VinePPO `trainers/ppo_trainer.py` `_forward_pass_actor` (logits divided by
+    the sampling temperature, then log_softmax and gather).
+    """
+    if not (temperature >= 0 and temperature != float("inf")):
+        raise ValueError(f"temperature: expected a finite value >= 0, got {temperature}")
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"expected input_ids and attention_mask of the same shape (B, L), got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size}")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+    scale = temperature if temperature > 0 else 1.0
+    step = input_ids.shape[0] if chunk_size is None else chunk_size
+    parts = []
+    for start in range(0, input_ids.shape[0], step):
+        ids = input_ids[start : start + step]
+        mask = attention_mask[start : start + step]
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float() / scale, dim=-1)
+        del logits
+        picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, L-1)
+        del logp
+        # position t is predicted from t-1: it needs a real token at both t and t-1
+        valid = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+        picked = torch.where(valid, picked, torch.zeros_like(picked))
+        parts.append(torch.cat([picked.new_zeros(ids.shape[0], 1), picked], dim=1))
+    return torch.cat(parts, dim=0)
+
+
+def response_logprobs(model, batch: dict, temperature: float, chunk_size: int | None = None) -> Tensor:
+    """Token log-probs masked to response positions.
+
+    Args:
+        model: a causal LM.
+        batch: the output of `batch_sequences` (``input_ids``, ``attention_mask``,
+            ``response_mask``).
+        temperature: the sampling temperature (see `token_logprobs`).
+        chunk_size: rows per forward pass (see `token_logprobs`).
+
+    Returns:
+        (B, L) float32 in nats; 0 outside ``response_mask``.
+    """
+    logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], temperature, chunk_size=chunk_size)
+    return logp * batch["response_mask"].to(logp.device)
+
+
+def clone_reference(model) -> PreTrainedModel:
+    """A frozen deep copy of ``model`` (eval mode, ``requires_grad=False``), e.g. ``π_ref``."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

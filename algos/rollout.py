@@ -1,0 +1,116 @@
+"""Experience collection shared by every algorithm: sampler completions stepped through the env.
+
+An `Episode` is one graded response to one prompt, ready to train on. Completions pass through
+`LanguageEnv.step_states`, so rewards, truncation and the EOS trick are the environment's: an EOS
+is appended only to responses that finished (finish_reason "stop"); a response cut by the length
+limit is truncated, scores 0 and gets no EOS (McGill-NLP/VinePPO,
+episode_generators/episode_generator_with_reward_function.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from langenv.env import LanguageEnv, StepResult
+from langenv.state import EnvState
+
+from algos.sampling import Completion, Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One finished episode.
+
+    Attributes:
+        state: the final `EnvState` (its ``response_ids`` are the trained tokens, EOS included when finished).
+        reward: graded reward (1.0 / 0.0).
+        status: grading status, or "truncated".
+        text: decoded response, cut before a stop string.
+    """
+
+    state: EnvState
+    reward: float
+    status: str
+    text: str
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.state.prompt_ids
+
+    @property
+    def response_ids(self) -> tuple[int, ...]:
+        return self.state.response_ids
+
+
+def completion_chunk(completion: Completion, eos_token_id: int) -> list[int]:
+    """Token ids to step the env with: the completion, plus EOS when it finished without one."""
+    ids = list(completion.token_ids)
+    if completion.finish_reason == "stop" and (not ids or ids[-1] != eos_token_id):
+        ids.append(eos_token_id)
+    return ids
+
+
+def continue_states(
+    env: LanguageEnv,
+    sampler: Sampler,
+    states: Sequence[EnvState],
+    params: SamplingParams,
+    seed: int | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[list[StepResult]]:
+    """Sample ``params.n`` continuations of each live state and step them through the env.
+
+    The response budget is each state's own (``max_new_tokens`` counts the whole response), so a
+    continuation that runs past it is truncated and scores 0.
+
+    Args:
+        timings: if given, seconds spent are added under "generate" and "env" (stepping and grading).
+    Returns:
+        For each state, ``params.n`` step results in sampling order.
+    """
+    if not states:
+        return []
+    t0 = time.perf_counter()
+    completions = sampler.generate([list(s.token_ids) for s in states], params, seed=seed)
+    t1 = time.perf_counter()
+    flat_states, chunks = [], []
+    for state, comps in zip(states, completions):
+        for c in comps:
+            flat_states.append(state)
+            chunks.append(completion_chunk(c, state.eos_token_id))
+    results = env.step_states(flat_states, chunks)
+    if timings is not None:
+        timings["generate"] = timings.get("generate", 0.0) + t1 - t0
+        timings["env"] = timings.get("env", 0.0) + time.perf_counter() - t1
+    n = params.n
+    return [results[i * n:(i + 1) * n] for i in range(len(states))]
+
+
+def collect_episodes(
+    env: LanguageEnv,
+    sampler: Sampler,
+    problems: Sequence,
+    params: SamplingParams,
+    seed: int | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[Episode]:
+    """``params.n`` episodes per problem, grouped by problem (problem-major order)."""
+    starts = [env.initial_state(p) for p in problems]
+    groups = continue_states(env, sampler, starts, params, seed=seed, timings=timings)
+    return [Episode(r.state, r.reward, r.status, r.text) for group in groups for r in group]
+
+
+def token_char_starts(tokenizer, token_ids: Sequence[int]) -> list[int]:
+    """Character offset, in the decoded text, at which each token starts, shape (T,).
+
+    Computed from decodes of every prefix (exact for any tokenizer whose decode is
+    prefix-consistent); kept non-decreasing where a byte-level token splits a character.
+    """
+    prefixes = tokenizer.batch_decode([list(token_ids[:i]) for i in range(len(token_ids))], skip_special_tokens=True)
+    starts, best = [], 0
+    for text in prefixes:
+        best = max(best, len(text))
+        starts.append(best)
+    return starts

@@ -1,0 +1,389 @@
+"""Samplers: turn prompts (token ids) into completions with per-token log-probs.
+
+`Sampler` is the protocol every algorithm collects experience through; `HFSampler` implements it
+with Hugging Face `transformers` `generate` (CPU or GPU). A vLLM sampler for GPU boxes lives
+beside it and follows the same protocol.
+
+Log-prob convention (VinePPO, McGill-NLP/VinePPO `trainers/ppo_trainer.py` `_forward_pass_actor`):
+the log-prob returned for each sampled token is ``log_softmax(logits / temperature)`` at that token,
+i.e. under the tempered distribution **without** top-p renormalisation. That is exactly what the
+training-time forward pass (`algos.policy.token_logprobs` at the sampling temperature) computes,
+so the importance ratio is 1 at the start of every iteration. For greedy decoding
+(``temperature == 0``) the plain ``log_softmax(logits)`` is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+__all__ = ["SamplingParams", "Completion", "Sampler", "HFSampler"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions.
+
+    Attributes:
+        temperature: softmax temperature; ``0`` means greedy (argmax) decoding. Defaults to
+            VinePPO's 0.6.
+        top_p: nucleus mass in (0, 1]; ignored for greedy decoding. Defaults to VinePPO's 0.9.
+        max_new_tokens: most tokens generated per completion (tokens). VinePPO: 1024.
+        stop_strings: generation stops once the decoded *generated* text contains any of these
+            (the prompt is never searched). VinePPO uses ``("\\n\\n\\nProblem:",)``.
+        n: completions sampled per prompt.
+
+    Raises:
+        ValueError / TypeError: on an out-of-range or mistyped field, naming it.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 1024
+    stop_strings: tuple[str, ...] = ()
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature: expected a float, got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature: expected a finite value >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise TypeError(f"top_p: expected a float, got {self.top_p!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+        for name in ("max_new_tokens", "n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value}")
+        stops = self.stop_strings
+        if isinstance(stops, str):
+            raise TypeError(f"stop_strings: expected a tuple of strings, got the single string {stops!r}")
+        stops = tuple(stops)  # accept any sequence (e.g. a list from a config file)
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop_strings: expected non-empty strings, got {s!r}")
+        object.__setattr__(self, "stop_strings", stops)
+
+
+@dataclass
+class Completion:
+    """One sampled completion.
+
+    Attributes:
+        token_ids: generated tokens. Includes EOS if the model emitted it; on a stop-string hit
+            it ends right after the token that completes the stop string; never padding.
+        logprobs: one per token of ``token_ids`` (nats): log-prob under
+            ``softmax(logits / temperature)`` without top-p renormalisation; plain
+            ``log_softmax(logits)`` for greedy decoding.
+        finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (max_new_tokens or the
+            context cap reached).
+        text: ``token_ids`` decoded without special tokens, cut *before* the stop string if one
+            was hit.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """What every algorithm samples through."""
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
+    ) -> list[list[Completion]]:
+        """Sample ``params.n`` completions for each prompt.
+
+        Args:
+            prompts: token-id lists, already containing BOS if the model wants one.
+            params: sampling settings.
+            seed: same seed, same prompts and same weights give identical completions.
+
+        Returns:
+            ``result[i]`` is the list of ``params.n`` completions of ``prompts[i]``.
+        """
+        ...
+
+    def update_weights(self, model) -> None:
+        """Push new policy weights (a no-op for samplers that share the model object)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# generate() hooks
+#
+# Why hooks instead of `output_logits=True` and HF's own `stop_strings=`:
+# * `output_logits=True` keeps every step's raw logits, (rows, steps, vocab) float32: 8.4 GB for
+#   64 rows x 1024 steps x 32k vocab. The two hooks below keep one step, (rows, vocab), and reduce
+#   it to one float per row as soon as the token is chosen.
+# * HF's `StopStringCriteria` matches the end of the whole `input_ids`, prompt included, so a stop
+#   string that straddles the prompt/response boundary fires; we only search the generated text.
+#   We also need to know where each stop string was completed to cut the completion.
+# Custom logits processors run after generate's own "processors" (none are built from the
+# neutral config we pass) and before the sampling warpers (temperature, top-p), so
+# `_StashLogSoftmax` sees the raw logits. tests/test_sampling.py checks the returned log-probs
+# against a fresh forward pass, which would catch a change of that order.
+# --------------------------------------------------------------------------------------------
+
+
+class _StashLogSoftmax(LogitsProcessor):
+    """Keeps ``log_softmax(raw_logits / temperature)`` of the current step; never changes scores."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: torch.Tensor | None = None  # (rows, vocab) float32
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores / self.temperature if self.temperature > 0 else scores
+        self.last = torch.log_softmax(logits.float(), dim=-1)
+        return scores
+
+
+class _GatherChosenLogprob(StoppingCriteria):
+    """After each step, gathers the stashed log-prob of the token just appended; never stops."""
+
+    def __init__(self, stash: _StashLogSoftmax):
+        self.stash = stash
+        self.steps: list[torch.Tensor] = []  # each (rows,) float32
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        assert self.stash.last is not None, "logits processor did not run before the stopping criteria"
+        self.steps.append(self.stash.last.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.stash.last = None
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _StopOnGeneratedText(StoppingCriteria):
+    """Stops a row once the decoded text of its *generated* tokens contains a stop string.
+
+    Only the last ``window`` generated tokens are decoded each step: enough to hold any stop
+    string (a character spans at most 4 byte-level tokens) plus slack, so the check costs
+    O(rows x window) per step instead of O(rows x steps). The exact cut point is recomputed on the
+    full generated text afterwards (`HFSampler._finish`).
+    """
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...], prompt_width: int, rows: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.prompt_width = prompt_width
+        self.window = 4 * max(len(s) for s in stop_strings) + 8
+        self.first_hit: list[int | None] = [None] * rows  # generated-token count at the first hit
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_width :]
+        texts = self.tokenizer.batch_decode(generated[:, -self.window :].tolist(), skip_special_tokens=True)
+        hit = [any(s in t for s in self.stop_strings) for t in texts]
+        for r, h in enumerate(hit):
+            if h and self.first_hit[r] is None:
+                self.first_hit[r] = generated.shape[1]
+        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class HFSampler:
+    """Batched sampling with `transformers` `generate` (left padding, KV cache).
+
+    Args:
+        model: a causal LM (`PreTrainedModel`). It is shared, not copied: the sampler always
+            uses its current weights. Its train/eval mode is restored after each call.
+        tokenizer: its tokenizer; must have an EOS token. PAD falls back to EOS.
+        max_batch_size: most sequences (prompts x n) per `generate` call.
+        max_context: most tokens of prompt + completion. ``None`` means the model's
+            ``config.max_position_embeddings`` when it has one, else no cap.
+
+    Rows are sorted by prompt length (longest first) to reduce padding, chunked, generated and
+    returned in input order. With a seed, the global torch RNG is forked for the call (restored
+    afterwards); note that a row's sample then depends on the whole batch it was drawn with.
+    EOS is ``tokenizer.eos_token_id`` only; the model's generation config (extra EOS ids,
+    top_k=50, repetition penalties, ...) is deliberately ignored so that sampling is exactly
+    what `SamplingParams` says.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size: expected an int >= 1, got {max_batch_size!r}")
+        if max_context is None:
+            max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1):
+            raise ValueError(f"max_context: expected an int >= 1 or None, got {max_context!r}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no EOS token (eos_token_id is None); HFSampler needs one to stop sequences")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+
+    def update_weights(self, model) -> None:
+        """Copy ``model``'s weights into the sampler's model (no-op when it is the same object)."""
+        if model is self.model:
+            return
+        self.model.load_state_dict(model.state_dict())
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
+    ) -> list[list[Completion]]:
+        """Sample ``params.n`` completions per prompt; see `Sampler.generate`.
+
+        Raises:
+            ValueError: an empty prompt, or a prompt longer than ``max_context`` (naming its
+                index, its length and the limit).
+        """
+        prompts = [[int(t) for t in p] for p in prompts]
+        caps = []
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. BOS)")
+            cap = params.max_new_tokens
+            if self.max_context is not None:
+                if len(p) > self.max_context:
+                    raise ValueError(
+                        f"prompt {i} has {len(p)} tokens, more than the context limit max_context={self.max_context}"
+                    )
+                cap = min(cap, self.max_context - len(p))
+            caps.append(cap)
+
+        # One row per (prompt, sample). Longest prompts first; rows that share a length share a
+        # cap, so cutting chunks where the cap changes keeps every row within its own cap.
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        rows.sort(key=lambda r: -len(prompts[r[0]]))
+        chunks: list[list[tuple[int, int]]] = []
+        for r in rows:
+            if chunks and len(chunks[-1]) < self.max_batch_size and caps[chunks[-1][0][0]] == caps[r[0]]:
+                chunks[-1].append(r)
+            else:
+                chunks.append([r])
+
+        results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
+        was_training = self.model.training
+        self.model.eval()
+        devices = [self.model.device] if self.model.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                for chunk in chunks:
+                    chunk_prompts = [prompts[i] for i, _ in chunk]
+                    outs = self._generate_chunk(chunk_prompts, params, caps[chunk[0][0]])
+                    for (i, j), c in zip(chunk, outs):
+                        results[i][j] = c
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------------------------------
+
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, cap: int) -> list[Completion]:
+        if cap == 0:  # the prompt fills the context exactly: nothing can be generated
+            return [Completion([], [], "length", "") for _ in prompts]
+        device = self.model.device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding
+            input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[r, width - len(p) :] = 1
+
+        greedy = params.temperature == 0
+        config = GenerationConfig(
+            max_new_tokens=cap,
+            do_sample=not greedy,
+            temperature=None if greedy else float(params.temperature),
+            top_p=None if greedy else float(params.top_p),
+            top_k=0,  # the global default would otherwise be top_k=50
+            num_beams=1,
+            num_return_sequences=1,  # rows are already expanded (prompt x n), see `generate`
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+        )
+        stash = _StashLogSoftmax(params.temperature)
+        gather = _GatherChosenLogprob(stash)
+        criteria = StoppingCriteriaList([gather])
+        stop_check = None
+        if params.stop_strings:
+            stop_check = _StopOnGeneratedText(self.tokenizer, params.stop_strings, width, len(prompts))
+            criteria.append(stop_check)
+
+        # `generate` fills every unset field of the config we pass from `model.generation_config`
+        # (a hub model's top_k, repetition_penalty, extra eos ids, ...). Swap in a neutral one for
+        # the call so only our settings (plus transformers' global defaults) apply.
+        model_config = self.model.generation_config
+        self.model.generation_config = GenerationConfig()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([stash]),
+                stopping_criteria=criteria,
+            )
+        finally:
+            self.model.generation_config = model_config
+
+        generated = out.sequences[:, width:].cpu()
+        n_steps = generated.shape[1]
+        logprobs = torch.stack(gather.steps[:n_steps], dim=1).cpu() if n_steps else torch.zeros(len(prompts), 0)
+        hits = stop_check.first_hit if stop_check is not None else [None] * len(prompts)
+        return [
+            self._finish(generated[r].tolist(), logprobs[r].tolist(), params, hits[r]) for r in range(len(prompts))
+        ]
+
+    def _finish(self, tokens: list[int], logprobs: list[float], params: SamplingParams, window_hit: int | None) -> Completion:
+        """Cut one generated row (padding included) at EOS or the stop string, and decode it.
+
+        ``window_hit`` is the step count at which `_StopOnGeneratedText` stopped the row, if it did.
+        """
+        end, reason = len(tokens), "length"  # a row that ran the whole loop reached its cap
+        if self.eos_id in tokens:
+            end, reason = tokens.index(self.eos_id) + 1, "stop"
+        stop_at = self._stop_string_end(tokens[:end], params.stop_strings)
+        if stop_at is not None:
+            end, reason = stop_at, "stop"
+        elif window_hit is not None and window_hit < end:
+            # The windowed check saw a stop string that the full decode does not contain (only
+            # for exotic tokenizers, e.g. a stop string holding U+FFFD): the row did stop there.
+            end, reason = window_hit, "stop"
+        tokens = tokens[:end]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if stop_at is not None:
+            text = text[: min(text.find(s) for s in params.stop_strings if s in text)]
+        return Completion(tokens, logprobs[:end], reason, text)
+
+    def _stop_string_end(self, tokens: list[int], stop_strings: tuple[str, ...]) -> int | None:
+        """Smallest k such that the decoded ``tokens[:k]`` contains a stop string, or None.
+
+        Binary search: decoding is prefix-monotone for the tokenizers we use (a string present in
+        the text of ``tokens[:k]`` is present in that of ``tokens[:k+1]``).
+        """
+        if not stop_strings:
+            return None
+
+        def hit(k: int) -> bool:
+            text = self.tokenizer.decode(tokens[:k], skip_special_tokens=True)
+            return any(s in text for s in stop_strings)
+
+        if not hit(len(tokens)):
+            return None
+        lo, hi = 1, len(tokens)  # hit(hi) is True
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hit(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi

@@ -1,0 +1,289 @@
+"""The loop every algorithm shares: select prompts -> collect -> advantages -> update -> evaluate
+-> log -> checkpoint.
+
+An algorithm is a class built as ``Algo(config, ctx, total_iterations)`` whose
+``iteration(problems, iteration) -> dict[str, float]`` does one iteration's collection and update
+and returns its metrics. Everything else (model loading, the offline warm start, environments,
+sampler, seeding, evaluation, metrics files, wandb, checkpoints) lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from langenv.env import LanguageEnv
+from langenv.tasks.base import Task, make_task
+
+from algos.policy import clone_reference, load_policy
+from algos.rollout import collect_episodes
+from algos.sampling import HFSampler, Sampler, SamplingParams
+
+
+@dataclass
+class RunConfig:
+    """Settings of a training run shared by every algorithm."""
+
+    task: str = "gsm8k"
+    """Registered task name (gsm8k, math)."""
+    model: str = "tiny"
+    """'tiny' (built and warm-started offline, cached) or a hub id / local directory of a causal LM."""
+    iterations: int = 12
+    """Total number of training iterations."""
+    seed: int = 0
+    """Seed for prompt selection, sampling, shuffling and initialisation."""
+    out: Path | None = None
+    """Run directory (default: runs/<algo>-<task>-<time>)."""
+    overwrite: bool = False
+    """Allow writing into an existing run directory that already holds metrics."""
+    eval_every: int = 4
+    """Evaluate on the test split every this many iterations (and always before and after)."""
+    eval_problems: int = 200
+    """Test problems per evaluation (0 = the whole split); the first N of the split."""
+    eval_samples: int = 1
+    """Samples per test problem; accuracy is the mean correct fraction (paper: 16)."""
+    eval_temperature: float = 0.0
+    """Evaluation temperature; 0 is greedy (paper: 0.35 with top_p 0.9)."""
+    eval_top_p: float = 0.9
+    """Evaluation nucleus mass."""
+    save_every: int = 0
+    """Save a checkpoint every this many iterations (0: only the final model)."""
+    keep_checkpoints: int = 2
+    """How many periodic checkpoints to keep."""
+    sampler: Literal["hf"] = "hf"
+    """Generation backend (Hugging Face transformers)."""
+    sampler_batch_size: int = 128
+    """Sequences per generation call of the HF sampler."""
+    device: str = "cpu"
+    """Torch device of the policy."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline writes under the run directory."""
+    cache_dir: Path = Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv"))
+    """Where the offline tiny model's warm start is cached."""
+    threads: int | None = None
+    """torch CPU threads (default: all cores)."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
+        for name in ("eval_every", "eval_problems", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples: expected >= 1, got {self.eval_samples}")
+
+
+@dataclass
+class TrainContext:
+    """What an algorithm gets from the trainer."""
+
+    task: Task
+    env: LanguageEnv
+    sampler: Sampler
+    policy: Any
+    reference: Any
+    tokenizer: Any
+    seed: int
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def seed_for(self, iteration: int, purpose: str) -> int:
+        """A distinct, reproducible seed per (run seed, iteration, purpose)."""
+        return int(np.random.SeedSequence([self.seed, iteration, sum(map(ord, purpose))]).generate_state(1)[0])
+
+
+class Algorithm(Protocol):
+    name: str
+
+    def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]: ...
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_ratio: float, total_steps: int,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    """AdamW with linear warm-up over ``warmup_ratio`` of ``total_steps`` then linear decay to 0
+    (DeepSpeed WarmupDecayLR as in the VinePPO configs)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+    total = max(total_steps, 1)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
+    return optimizer, scheduler
+
+
+def select_prompts(problems: Sequence, count: int, seed: int, iteration: int) -> list:
+    """``count`` distinct problems for an iteration: the train split reshuffled with (seed, iteration),
+    first ``count`` taken (VinePPO's dataset_sample_with_replacement)."""
+    order = np.random.default_rng([seed, iteration]).permutation(len(problems))
+    return [problems[i] for i in order[: min(count, len(problems))]]
+
+
+def evaluate(env: LanguageEnv, sampler: Sampler, problems: Sequence, samples: int, temperature: float,
+             top_p: float, max_new_tokens: int, seed: int) -> dict[str, float]:
+    """Mean correct fraction over ``samples`` responses to each problem, with its standard error."""
+    params = SamplingParams(temperature, top_p if temperature > 0 else 1.0, max_new_tokens, env.task.stop_strings, samples)
+    episodes = collect_episodes(env, sampler, problems, params, seed=seed)
+    per_problem = [sum(e.reward for e in episodes[i * samples:(i + 1) * samples]) / samples for i in range(len(problems))]
+    n = len(per_problem)
+    mean = sum(per_problem) / n
+    var = sum((p - mean) ** 2 for p in per_problem) / max(n - 1, 1)
+    return {
+        "eval/accuracy": mean,
+        "eval/accuracy_stderr": math.sqrt(var / n),
+        "eval/truncated": sum(e.state.truncated for e in episodes) / len(episodes),
+        "eval/response_tokens": sum(len(e.response_ids) for e in episodes) / len(episodes),
+    }
+
+
+def load_model(run: RunConfig, task: Task):
+    """The policy and tokenizer: the cached offline warm start for 'tiny', else a hub id or path."""
+    if run.model == "tiny":
+        path = warm_start_tiny(task, run.cache_dir)
+        return load_policy(str(path), dtype=torch.float32, device=run.device)
+    return load_policy(run.model, device=run.device)
+
+
+def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:
+    """The offline default model for a task: a tokenizer trained on the task's train text and a
+    small Llama fine-tuned on its reference solutions (`algos.sft.warm_start`), built once and cached
+    under ``cache_dir``. The SFT seed is fixed, so every run and algorithm starts from the same
+    checkpoint."""
+    from algos.sft import TINY_GSM8K_MODEL, TINY_GSM8K_SFT, warm_start
+
+    problems = task.load("train")
+    examples = [(task.prompt(p), task.target(p)) for p in problems]
+    texts = [t for pair in examples for t in pair]
+    return warm_start(f"tiny-{task.name}", examples, texts, cache_dir, TINY_GSM8K_MODEL, TINY_GSM8K_SFT, progress=progress)
+
+
+def _prepare_out(run: RunConfig, algo_name: str) -> Path:
+    out = run.out or Path("runs") / f"{algo_name}-{run.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "metrics.jsonl").exists() and not run.overwrite:
+        raise FileExistsError(f"{out} already holds a run (metrics.jsonl); choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"run directory {out} is not writable")
+    (out / "metrics.jsonl").write_text("")
+    return out
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    """Save in Hugging Face format through a temporary directory renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> dict[str, Any]:
+    """Run ``run.iterations`` iterations of an algorithm; returns a summary.
+
+    Writes ``config.json``, ``metrics.jsonl`` (one JSON object per iteration), the final model in
+    Hugging Face format under ``final/`` and, if enabled, periodic checkpoints; mirrors metrics to
+    wandb.
+    """
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    random.seed(run.seed)
+    np.random.seed(run.seed)
+    torch.manual_seed(run.seed)
+    task = make_task(run.task)
+    out = _prepare_out(run, algo_name)
+    config_dump = {"algorithm": algo_name, "run": _jsonable(run), "algo": _jsonable(algo_config)}
+    (out / "config.json").write_text(json.dumps(config_dump, indent=2))
+
+    policy, tokenizer = load_model(run, task)
+    policy.eval()
+    reference = clone_reference(policy)
+    max_new = algo_config.max_new_tokens
+    context = getattr(policy.config, "max_position_embeddings", None)
+    env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
+    eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
+    sampler = _make_sampler(run, policy, tokenizer, context)
+    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed)
+    ctx.generator.manual_seed(run.seed)
+    algorithm = build(algo_config, ctx, run.iterations)
+    eval_problems = eval_env.problems[: run.eval_problems or None]
+
+    def run_eval(iteration: int) -> dict[str, float]:
+        t = time.perf_counter()
+        res = evaluate(eval_env, sampler, eval_problems, run.eval_samples, run.eval_temperature, run.eval_top_p,
+                       max_new, seed=ctx.seed_for(iteration, "eval"))
+        res["time/eval"] = time.perf_counter() - t
+        return res
+
+    wandb_run = _init_wandb(run, out, config_dump, algo_name)
+    start = time.perf_counter()
+    before = run_eval(0)
+    print(f"[langenv] {algo_name} on {run.task}: accuracy before training {before['eval/accuracy']:.3f} "
+          f"({len(eval_problems)} test problems x {run.eval_samples})")
+    last_eval = before
+    with open(out / "metrics.jsonl", "a") as metrics_file:
+        for it in tqdm(range(run.iterations), desc=f"{algo_name} iterations", unit="it"):
+            problems = select_prompts(env.problems, algo_config.prompts_per_iteration, run.seed, it)
+            metrics = algorithm.iteration(problems, it)
+            done = it + 1
+            if (run.eval_every and done % run.eval_every == 0) or done == run.iterations:
+                last_eval = run_eval(done)
+                metrics.update(last_eval)
+            metrics = {"iteration": done, **metrics, "time/elapsed": time.perf_counter() - start}
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=done)
+            if run.save_every and done % run.save_every == 0 and done < run.iterations:
+                _save(policy, tokenizer, out / "checkpoints" / f"iter-{done:06d}")
+                for old in sorted((out / "checkpoints").glob("iter-*"))[: -run.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
+    _save(policy, tokenizer, out / "final")
+    if wandb_run is not None:
+        wandb_run.finish()
+    summary = {
+        "out": str(out), "accuracy_before": before["eval/accuracy"], "accuracy_after": last_eval["eval/accuracy"],
+        "wall_time_s": time.perf_counter() - start, "iterations": run.iterations,
+    }
+    print(f"[langenv] accuracy before {summary['accuracy_before']:.3f} -> after {summary['accuracy_after']:.3f} "
+          f"(± {last_eval['eval/accuracy_stderr']:.3f}); {run.iterations} iterations in {summary['wall_time_s']:.0f} s")
+    print(f"[langenv] outputs: {out}/ (config.json, metrics.jsonl, final/ model in Hugging Face format)")
+    return summary
+
+
+def _make_sampler(run: RunConfig, policy, tokenizer, context: int | None) -> Sampler:
+    return HFSampler(policy, tokenizer, max_batch_size=run.sampler_batch_size, max_context=context)
+
+
+def _init_wandb(run: RunConfig, out: Path, config: dict, algo_name: str):
+    if run.wandb == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project="langenv", name=out.name, dir=str(out), mode=run.wandb, config=config,
+                      group=f"{algo_name}-{run.task}")

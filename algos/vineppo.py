@@ -1,0 +1,261 @@
+"""VinePPO (Kazemnejad et al., "VinePPO: Refining Credit Assignment in RL Training of LLMs",
+arXiv 2410.01679, ICML 2025).
+
+PPO with the value network replaced by Monte-Carlo value estimates. The language environment can
+be restored to any prefix of a response, so from the prompt and from every reasoning-step
+boundary we sample K continuations with the same sampler, grade them and average:
+
+    V̂(s) = (1/K) Σ_k R(s ⊕ continuation_k),        V(s_n) := 0 after the last step,
+    A_i  = r_i + V̂(s_{i+1}) − V̂(s_i)               (γ = 1; r_i = 0 except r_{n−1} = R),
+
+and every token of step i gets A_i (the appended EOS gets the last step's). Identical prefixes
+are estimated once (so V̂(s_0) is shared by a prompt's G samples). Past an optional step cap, values
+are filled backwards with the realised return, giving those steps advantage 0. The update is the
+shared PPO actor update (`algos.actor`) with advantage whitening and a k3 KL in the loss.
+
+Where the paper's code and this file could differ, the code was followed
+(McGill-NLP/VinePPO, episode_generators/math_episode_generator_with_mc_advantages.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from langenv.state import EnvState
+from langenv.steps import step_char_offsets, token_step_ids
+
+from algos.actor import ActorSettings, actor_update
+from algos.rollout import Episode, collect_episodes, continue_states, token_char_starts
+from algos.sampling import SamplingParams
+from algos.trainer import TrainContext, make_optimizer
+
+
+@dataclass
+class VinePPOConfig:
+    """VinePPO hyperparameters. Defaults are the paper's (McGill-NLP/VinePPO configs
+    ``polIter_rho1bSft2_vineppo_{MATH,GSM8K}``); `cpu_tiny` is the small CPU setting of the
+    offline default model."""
+
+    prompts_per_iteration: int = 64
+    """Distinct problems sampled per iteration."""
+    samples_per_prompt: int = 8
+    """G: trajectories per problem."""
+    mc_rollouts: int = 9
+    """K: Monte-Carlo continuations per state for V̂."""
+    max_step_for_value_estimation: int | None = None
+    """Only the first this many step boundaries get MC values (paper: 25 on GSM8K, none on MATH)."""
+    temperature: float = 0.6
+    """Sampling temperature for trajectories and MC rollouts; training log-probs use it too."""
+    top_p: float = 0.9
+    """Nucleus sampling mass for trajectories and MC rollouts."""
+    max_new_tokens: int = 1024
+    """Response budget in tokens; longer responses are truncated and score 0."""
+    epochs: int = 2
+    """PPO epochs over each iteration's episodes."""
+    minibatch_size: int = 64
+    """Episodes per optimiser step."""
+    micro_batch_size: int = 8
+    """Episodes per forward/backward pass (gradient accumulation within a mini-batch)."""
+    learning_rate: float = 1e-6
+    """AdamW learning rate (peak, after warm-up)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of all optimiser steps spent in linear warm-up; then linear decay to 0."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    clip_eps: float = 0.2
+    """PPO clip range ε."""
+    kl_coef: float = 1e-4
+    """β of the k3 KL-to-reference term in the loss (fixed, no adaptive controller)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over each mini-batch's response tokens."""
+
+    def __post_init__(self) -> None:
+        positive = ("prompts_per_iteration", "samples_per_prompt", "mc_rollouts", "max_new_tokens",
+                    "epochs", "minibatch_size", "micro_batch_size", "learning_rate", "clip_eps", "grad_clip")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if not 0 < self.temperature:
+            raise ValueError(f"temperature: expected > 0 (training log-probs divide by it), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(
+                f"expected kl_coef >= 0, weight_decay >= 0, 0 <= warmup_ratio < 1; got "
+                f"{self.kl_coef}, {self.weight_decay}, {self.warmup_ratio}"
+            )
+        if self.max_step_for_value_estimation is not None and self.max_step_for_value_estimation < 0:
+            raise ValueError(f"max_step_for_value_estimation: expected >= 0 or None, got {self.max_step_for_value_estimation}")
+
+    @classmethod
+    def cpu_tiny(cls) -> "VinePPOConfig":
+        """Small setting for the offline tiny model on a 2-core CPU (not the paper's)."""
+        return cls(prompts_per_iteration=8, samples_per_prompt=4, mc_rollouts=4, max_step_for_value_estimation=25,
+                   max_new_tokens=256, minibatch_size=16, micro_batch_size=16, learning_rate=1e-5)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+
+    def steps_per_iteration(self) -> int:
+        episodes = self.prompts_per_iteration * self.samples_per_prompt
+        return self.epochs * -(-episodes // self.minibatch_size)
+
+
+def step_advantages(values: Sequence[float], reward: float) -> list[float]:
+    """A_i = r_i + V(s_{i+1}) − V(s_i) for the n steps of one trajectory (γ = 1).
+
+    Args:
+        values: V(s_0) .. V(s_{n−1}), the values of the states where each step starts.
+        reward: the outcome R, given at the last step (r_{n−1} = R, all other r_i = 0).
+    Returns:
+        n advantages; they telescope: Σ_i A_i = R − V(s_0).
+    """
+    n = len(values)
+    nxt = list(values[1:]) + [0.0]
+    return [(reward if i == n - 1 else 0.0) + nxt[i] - values[i] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How one episode's response splits into reasoning steps, in tokens.
+
+    Attributes:
+        boundaries: token index where each step starts, (n,), boundaries[0] == 0.
+        token_steps: step index of every response token, (T,); a trailing EOS joins the last step.
+    """
+
+    boundaries: tuple[int, ...]
+    token_steps: tuple[int, ...]
+
+
+def step_layout(episode: Episode, tokenizer, split_steps) -> StepLayout:
+    """Split a response into steps on its decoded text and map the steps to token offsets."""
+    ids = list(episode.response_ids)
+    if not ids:
+        return StepLayout((0,), ())
+    starts = token_char_starts(tokenizer, ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    steps = [s for s in split_steps(text) if s] or [text]
+    raw = token_step_ids(starts, step_char_offsets(steps))
+    # token-level steps are runs of tokens whose first character lies in the same text step;
+    # a text step with no token starting inside it merges into the step before it
+    boundaries, token_steps = [0], [0]
+    for t in range(1, len(ids)):
+        if raw[t] != raw[t - 1]:
+            boundaries.append(t)
+        token_steps.append(len(boundaries) - 1)
+    return StepLayout(tuple(boundaries), tuple(token_steps))
+
+
+def token_advantages(layout: StepLayout, values: Sequence[float], reward: float) -> list[float]:
+    """Per-token advantages of one response, shape (T,): every token gets its step's A_i
+    (`step_advantages`); a trailing EOS belongs to the last step."""
+    step_adv = step_advantages(values, reward)
+    return [step_adv[s] for s in layout.token_steps]
+
+
+class VinePPO:
+    """The VinePPO algorithm: MC value estimates from restored prefix states + the PPO actor update."""
+
+    name = "vineppo"
+
+    def __init__(self, config: VinePPOConfig, ctx: TrainContext, total_iterations: int) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.optimizer, self.scheduler = make_optimizer(
+            ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio,
+            total_steps=config.steps_per_iteration() * total_iterations,
+        )
+        self.actor = ActorSettings(
+            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
+            clip_eps=config.clip_eps, kl_coef=config.kl_coef, temperature=config.temperature,
+            grad_clip=config.grad_clip, whiten_advantages=config.whiten_advantages,
+        )
+
+    def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
+        cfg, ctx = self.config, self.ctx
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, ctx.env.task.stop_strings, cfg.samples_per_prompt)
+        episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"), timings=timings)
+        t1 = time.perf_counter()
+        layouts = [step_layout(e, ctx.tokenizer, ctx.env.task.split_steps) for e in episodes]
+        values, mc = self.estimate_values(episodes, layouts, iteration)
+        t2 = time.perf_counter()
+        advantages = [token_advantages(layout, v, e.reward) for e, layout, v in zip(episodes, layouts, values)]
+        update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, advantages,
+                              self.actor, ctx.pad_token_id, ctx.generator)
+        ctx.sampler.update_weights(ctx.policy)
+        t3 = time.perf_counter()
+        n_steps = [len(l.boundaries) for l in layouts]
+        flat_adv = [a for adv in advantages for a in adv]
+        metrics = {
+            "train/reward": sum(e.reward for e in episodes) / len(episodes),
+            "train/truncated": sum(e.state.truncated for e in episodes) / len(episodes),
+            "train/response_tokens": sum(len(e.response_ids) for e in episodes) / len(episodes),
+            "train/steps_per_response": sum(n_steps) / len(n_steps),
+            "train/value_s0": sum(v[0] for v in values) / len(values),
+            "train/advantage_mean": sum(flat_adv) / max(len(flat_adv), 1),
+            "vineppo/unique_states": mc["unique_states"],
+            "vineppo/value_requests": mc["requests"],
+            "vineppo/mc_rollouts": mc["rollouts"],
+            "tokens/episodes": sum(len(e.response_ids) for e in episodes),
+            "tokens/mc_rollouts": mc["tokens"],
+            "time/sampling": timings.get("generate", 0.0),
+            "time/mc_rollouts": mc["generate"],
+            "time/grading": timings.get("env", 0.0) + mc["env"],
+            "time/update": t3 - t2,
+            "time/advantages": (t2 - t1) - mc["generate"] - mc["env"],
+            "time/iteration": t3 - t0,
+        }
+        metrics.update({f"update/{k}": v for k, v in update.items()})
+        metrics["update/lr"] = self.scheduler.get_last_lr()[0]
+        for status in ("correct", "incorrect", "no_answer", "timeout", "invalid", "truncated"):
+            metrics[f"grading/{status}"] = sum(e.status == status for e in episodes)
+        return metrics
+
+    def estimate_values(self, episodes: Sequence[Episode], layouts: Sequence[StepLayout], iteration: int):
+        """V̂ for the state at the start of every step of every episode.
+
+        Returns:
+            (values, stats): values[j][i] = V̂(s_i) of episode j (len = its number of steps);
+            stats counts requests, unique states, rollouts, tokens and seconds.
+        """
+        cfg, ctx = self.config, self.ctx
+        cap = cfg.max_step_for_value_estimation
+        requests: list[list[EnvState | None]] = []
+        unique: dict[tuple[int, ...], EnvState] = {}
+        for e, layout in zip(episodes, layouts):
+            row = []
+            for i, b in enumerate(layout.boundaries):
+                if cap is not None and i > cap:
+                    row.append(None)
+                    continue
+                state = e.state.prefix(b)
+                unique.setdefault(state.token_ids, state)
+                row.append(state)
+            requests.append(row)
+        states = list(unique.values())
+        timings: dict[str, float] = {}
+        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, ctx.env.task.stop_strings, cfg.mc_rollouts)
+        results = continue_states(ctx.env, ctx.sampler, states, params, seed=ctx.seed_for(iteration, "mc"), timings=timings)
+        value_of = {s.token_ids: sum(r.reward for r in rs) / len(rs) for s, rs in zip(states, results)}
+        tokens = sum(len(r.state.response_ids) - len(s.response_ids) for s, rs in zip(states, results) for r in rs)
+        values = []
+        for e, row in zip(episodes, requests):
+            v = [value_of[s.token_ids] if s is not None else None for s in row]
+            for i in range(len(v) - 1, -1, -1):  # past the cap: the realised return (r_i = 0 before the end)
+                if v[i] is None:
+                    v[i] = e.reward
+            values.append(v)
+        stats = {"requests": float(sum(len([s for s in r if s is not None]) for r in requests)),
+                 "unique_states": float(len(states)), "rollouts": float(len(states) * cfg.mc_rollouts),
+                 "tokens": float(tokens), "generate": timings.get("generate", 0.0), "env": timings.get("env", 0.0)}
+        return values, stats

@@ -1,0 +1,224 @@
+"""`LanguageEnv`: a resettable Gymnasium environment over a reasoning task.
+
+Observation: the token ids of prompt and response so far, a 1-D int64 array.
+Action: a chunk of token ids (one token, a reasoning step or a whole completion).
+Reward: on termination, the task's grade of the decoded response (1.0 correct, 0.0 otherwise);
+0.0 on every other step and on truncation (the length limit), where no EOS is appended.
+
+State is data (`langenv.state.EnvState`): `snapshot()` returns it, `restore(state)` takes it,
+and `EnvState.prefix(n)` makes the state of any prefix of a trajectory. `step_states` is the same
+transition applied to many states at once with one batched grading call; samplers that produce
+whole completions use it so the environment costs far less than generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from langenv import grading
+from langenv.state import EnvState, transition
+from langenv.tasks.base import Problem, Task, make_task
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outcome of applying one chunk of tokens to one state.
+
+    Attributes:
+        state: the new state.
+        reward: 1.0/0.0 grade on termination, else 0.0.
+        status: grading status on termination ("correct", "incorrect", "no_answer", "timeout",
+            "invalid"), "truncated" on truncation, "running" otherwise.
+        text: the decoded response so far, cut before a stop string, without special tokens.
+    """
+
+    state: EnvState
+    reward: float
+    status: str
+    text: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class LanguageEnv(gym.Env):
+    """A reasoning task as a Gymnasium environment whose state can be snapshotted and restored.
+
+    Args:
+        task: a registered task name (e.g. "gsm8k", "math") or a `Task` instance.
+        tokenizer: a Hugging Face tokenizer (must have an EOS token).
+        split: which split `reset` samples problems from.
+        max_new_tokens: response budget in tokens; reaching it truncates the episode.
+        max_context: optional model context size; the response budget is capped so that prompt
+            plus response fit.
+        grading_timeout_s: hard wall-clock limit per grading check (seconds).
+
+    Raises:
+        ValueError: if the tokenizer has no EOS token, or a prompt does not fit the context.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        task: str | Task = "gsm8k",
+        tokenizer: Any = None,
+        split: str = "train",
+        max_new_tokens: int = 1024,
+        max_context: int | None = None,
+        grading_timeout_s: float | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if tokenizer is None:
+            raise ValueError("tokenizer: expected a Hugging Face tokenizer, got None")
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; set eos_token first")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        self.task: Task = make_task(task) if isinstance(task, str) else task
+        self.tokenizer = tokenizer
+        self.split = split
+        self.max_new_tokens = max_new_tokens
+        self.max_context = max_context
+        self.grading_timeout_s = grading_timeout_s
+        self.render_mode = render_mode
+        self.problems: Sequence[Problem] = self.task.load(split)
+        if len(self.problems) == 0:
+            raise ValueError(f"task {self.task.name!r} split {split!r} has no problems")
+        vocab = len(tokenizer)
+        self.observation_space = spaces.Sequence(spaces.Discrete(vocab), stack=True)
+        self.action_space = spaces.Sequence(spaces.Discrete(vocab), stack=True)
+        self._prompt_cache: dict[str, tuple[int, ...]] = {}
+        self._state: EnvState | None = None
+
+    # ----------------------------------------------------------------- states
+    def prompt_ids(self, problem: Problem) -> tuple[int, ...]:
+        """Token ids of a problem's prompt (with BOS if the tokenizer adds one), cached."""
+        ids = self._prompt_cache.get(problem.id)
+        if ids is None:
+            ids = tuple(self.tokenizer(self.task.prompt(problem)).input_ids)
+            self._prompt_cache[problem.id] = ids
+        return ids
+
+    def initial_state(self, problem: Problem) -> EnvState:
+        """The state at the start of an episode on ``problem`` (empty response).
+
+        Raises:
+            ValueError: if the prompt leaves no room for a response within ``max_context``.
+        """
+        prompt = self.prompt_ids(problem)
+        budget = self.max_new_tokens
+        if self.max_context is not None:
+            budget = min(budget, self.max_context - len(prompt))
+            if budget < 1:
+                raise ValueError(
+                    f"problem {problem.id}: prompt is {len(prompt)} tokens, which leaves no room for a "
+                    f"response in a context of {self.max_context} tokens"
+                )
+        return EnvState(
+            problem=problem,
+            prompt_ids=prompt,
+            max_new_tokens=budget,
+            eos_token_id=int(self.tokenizer.eos_token_id),
+        )
+
+    def response_text(self, state: EnvState) -> tuple[str, bool]:
+        """Decoded response (special tokens removed) cut before the first stop string.
+
+        Returns:
+            (text, stopped): ``stopped`` is True when a stop string was found.
+        """
+        text = self.tokenizer.decode(list(state.response_ids), skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.task.stop_strings) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def step_states(self, states: Sequence[EnvState], chunks: Sequence[Sequence[int]]) -> list[StepResult]:
+        """Apply ``chunks[i]`` to ``states[i]`` for every i, grading all finished episodes in one call.
+
+        This is the environment's transition for a batch of episodes; `step` is its one-episode
+        form. It never mutates the environment.
+
+        Raises:
+            ValueError: if the lengths differ or a state is already done.
+        """
+        if len(states) != len(chunks):
+            raise ValueError(f"step_states: {len(states)} states but {len(chunks)} chunks")
+        new_states, texts = [], []
+        for state, chunk in zip(states, chunks):
+            new = transition(state, chunk)
+            text, stopped = self.response_text(new)
+            if stopped and not new.terminated:
+                new = replace(new, terminated=True, truncated=False)
+            new_states.append(new)
+            texts.append(text)
+        to_grade = [i for i, s in enumerate(new_states) if s.terminated]
+        grades = grading.grade_batch(
+            [texts[i] for i in to_grade],
+            [new_states[i].problem.answer for i in to_grade],
+            kind=self.task.grading_kind,
+            timeout_s=self.grading_timeout_s,
+        ) if to_grade else []
+        by_index = dict(zip(to_grade, grades))
+        results = []
+        for i, (state, text) in enumerate(zip(new_states, texts)):
+            if i in by_index:
+                g = by_index[i]
+                results.append(StepResult(state, g.reward, g.status, text))
+            else:
+                results.append(StepResult(state, 0.0, "truncated" if state.truncated else "running", text))
+        return results
+
+    # -------------------------------------------------------------- gymnasium
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode.
+
+        Options:
+            ``problem``: a `Problem` to use; or ``problem_index``: an index into the split.
+            Otherwise a problem is drawn with ``self.np_random``.
+        """
+        super().reset(seed=seed)
+        options = options or {}
+        if "problem" in options:
+            problem = options["problem"]
+        else:
+            index = options.get("problem_index")
+            if index is None:
+                index = int(self.np_random.integers(len(self.problems)))
+            if not 0 <= index < len(self.problems):
+                raise ValueError(f"problem_index: expected 0..{len(self.problems) - 1}, got {index}")
+            problem = self.problems[index]
+        self._state = self.initial_state(problem)
+        return self._observation(), {"problem_id": problem.id}
+
+    def step(self, action):
+        """Append a chunk of token ids; returns (obs, reward, terminated, truncated, info)."""
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        result = self.step_states([self._state], [np.asarray(action, dtype=np.int64).reshape(-1).tolist()])[0]
+        self._state = result.state
+        info = {"status": result.status, "text": result.text, "problem_id": result.state.problem.id}
+        return self._observation(), result.reward, result.state.terminated, result.state.truncated, info
+
+    def snapshot(self) -> EnvState:
+        """The current state (immutable, picklable)."""
+        if self._state is None:
+            raise RuntimeError("call reset() before snapshot()")
+        return self._state
+
+    def restore(self, state: EnvState) -> np.ndarray:
+        """Make ``state`` the current state; returns its observation."""
+        if not isinstance(state, EnvState):
+            raise TypeError(f"restore: expected an EnvState, got {type(state).__name__}")
+        self._state = state
+        return self._observation()
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self._state is None:
+            return None
+        return self.tokenizer.decode(list(self._state.token_ids))
+
+    def _observation(self) -> np.ndarray:
+        return np.asarray(self._state.token_ids, dtype=np.int64)

@@ -1,0 +1,92 @@
+"""The `Task` protocol and the task registry.
+
+A task is everything the environment needs to know about one reasoning dataset: how to load its
+problems, how to build a prompt, what the reference answer is, how to grade a response and how to
+split a response into reasoning steps. Adding a task is one small class plus one
+`register_task(...)` call; every algorithm then runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+
+#: VinePPO's prompt for both GSM8K and MATH (McGill-NLP/VinePPO,
+#: configs/prompt_library/MATH_step_by_step_sft.jsonnet). BOS is prepended by the tokenizer.
+VINEPPO_PROMPT = "[MATH_TASK] Problem:\n{problem}\n\nSolution:"
+
+#: VinePPO's stop string, a guard against few-shot style continuation.
+VINEPPO_STOP = ("\n\n\nProblem:",)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of a task.
+
+    Attributes:
+        id: stable identifier within the task and split (e.g. ``"gsm8k/test/17"``).
+        question: the problem statement.
+        solution: the reference solution text used as the SFT target (no leading newline).
+        answer: the bare reference final answer, given to the grader.
+        meta: extra read-only fields (subject, level, ...), as sorted key/value pairs.
+    """
+
+    id: str
+    question: str
+    solution: str
+    answer: str
+    meta: tuple[tuple[str, str], ...] = field(default=())
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the environment needs from a reasoning task."""
+
+    name: str
+    #: grading family passed to `langenv.grading` ("gsm8k" numeric or "math" symbolic).
+    grading_kind: str
+    #: generation stops when one of these appears in the response text.
+    stop_strings: tuple[str, ...]
+
+    def load(self, split: str) -> Sequence[Problem]:
+        """Problems of ``split`` ("train", "validation", "test"). Raises ValueError on an unknown split."""
+
+    def prompt(self, problem: Problem) -> str:
+        """The prompt text (without BOS) the policy continues."""
+
+    def target(self, problem: Problem) -> str:
+        """The reference response text for SFT: what should follow the prompt (without EOS)."""
+
+    def split_steps(self, response: str) -> list[str]:
+        """Reasoning steps of a response; ``"".join(steps) == response``."""
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str, factory: Callable[..., Task]) -> None:
+    """Register a task factory under ``name`` (used by `make_task` and the CLI ``--task`` flag).
+
+    Raises:
+        ValueError: if ``name`` is already registered with a different factory.
+    """
+    if name in _REGISTRY and _REGISTRY[name] is not factory:
+        raise ValueError(f"task {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def task_names() -> list[str]:
+    """Names of all registered tasks, sorted."""
+    return sorted(_REGISTRY)
+
+
+def make_task(name: str, **kwargs) -> Task:
+    """Build a registered task.
+
+    Raises:
+        ValueError: for an unknown name; the message lists the registered names.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}")
+    return _REGISTRY[name](**kwargs)

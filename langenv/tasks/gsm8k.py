@@ -1,0 +1,62 @@
+"""GSM8K (Cobbe et al. 2021) as a langenv task, in VinePPO's format.
+
+Prompt: ``"[MATH_TASK] Problem:\\n{question}\\n\\nSolution:"``; the SFT target is ``"\\n"`` plus the
+reference rationale with calculator annotations ``<<...>>`` removed, ending in ``#### N``
+(McGill-NLP/VinePPO, tasks/gsm8k.py with use_original_format). Steps are lines, the answer line
+merged into the last step.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from langenv import steps
+from langenv.data import load_split
+from langenv.tasks.base import VINEPPO_PROMPT, VINEPPO_STOP, Problem
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def strip_calculator(rationale: str) -> str:
+    """Remove GSM8K calculator annotations: ``"48/2 = <<48/2=24>>24"`` -> ``"48/2 = 24"``."""
+    return _CALCULATOR.sub("", rationale)
+
+
+class GSM8KTask:
+    """GSM8K grade-school math word problems; numeric answers graded exactly.
+
+    Args:
+        source: None for the packaged data, or a local path / hub dataset id (see
+            `langenv.data.load_split`).
+    """
+
+    name = "gsm8k"
+    grading_kind = "gsm8k"
+    stop_strings = VINEPPO_STOP
+
+    def __init__(self, source: str | None = None) -> None:
+        self.source = source
+
+    def load(self, split: str) -> list[Problem]:
+        return _load(split, self.source)
+
+    def prompt(self, problem: Problem) -> str:
+        return VINEPPO_PROMPT.format(problem=problem.question)
+
+    def target(self, problem: Problem) -> str:
+        return "\n" + problem.solution
+
+    def split_steps(self, response: str) -> list[str]:
+        return steps.split_gsm8k(response)
+
+
+@lru_cache(maxsize=16)
+def _load(split: str, source: str | None) -> list[Problem]:
+    rows = load_split("gsm8k", split, source=source)
+    problems = []
+    for i, row in enumerate(rows):
+        rationale = strip_calculator(row["answer"])
+        answer = rationale.rsplit("####", 1)[-1].strip()
+        problems.append(Problem(id=f"gsm8k/{split}/{i}", question=row["question"], solution=rationale, answer=answer))
+    return problems

@@ -1,0 +1,81 @@
+"""Hand-computed values and invariants of the shared maths in algos.core."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from algos import core
+
+
+def test_kl_estimators_hand_computed_and_k3_nonnegative():
+    logp = torch.tensor([[math.log(0.5), math.log(0.2)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.2)]])
+    k1 = core.kl_estimate(logp, ref, "k1")
+    k2 = core.kl_estimate(logp, ref, "k2")
+    k3 = core.kl_estimate(logp, ref, "k3")
+    assert torch.allclose(k1, torch.tensor([[math.log(2), 0.0]]))
+    assert torch.allclose(k2, torch.tensor([[0.5 * math.log(2) ** 2, 0.0]]))
+    assert torch.allclose(k3, torch.tensor([[0.5 - 1 + math.log(2), 0.0]]))
+    x, y = torch.randn(1000), torch.randn(1000)
+    assert (core.kl_estimate(x, y, "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k1"):
+        core.kl_estimate(logp, ref, "k4")
+
+
+def test_k1_and_k3_are_unbiased_estimates_of_kl():
+    torch.manual_seed(0)
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.3, 0.3, 0.4])
+    exact = float((p * (p / q).log()).sum())
+    samples = torch.multinomial(p, 200_000, replacement=True)
+    logp, logq = p.log()[samples], q.log()[samples]
+    for kind in ("k1", "k3"):
+        est = core.kl_estimate(logp, logq, kind)
+        stderr = float(est.std() / math.sqrt(len(est)))
+        assert abs(float(est.mean()) - exact) < 5 * stderr
+
+
+def test_masked_whiten_mean_zero_unbiased_std_one():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7) * 3 + 2
+    mask = torch.ones(4, 7)
+    mask[0, 5:] = 0
+    mask[2, 1:] = 0
+    w = core.masked_whiten(x, mask)
+    vals = w[mask.bool()]
+    assert abs(float(vals.mean())) < 1e-6
+    assert abs(float(vals.std(unbiased=True)) - 1) < 1e-4
+    assert (w[~mask.bool()] == 0).all()
+
+
+def test_clipped_surrogate_gradient_vanishes_outside_the_clip_range():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.3, 1.3, 0.7, 0.7]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    loss, ratio, clipped = core.clipped_surrogate(logp, old, adv, 0.2)
+    loss.sum().backward()
+    # A>0, ρ>1+ε and A<0, ρ<1−ε: clipped, no gradient; the other two keep the plain gradient −A·ρ
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 1.3, -0.7, 0.0]]), atol=1e-6)
+    assert clipped.tolist() == [[1.0, 0.0, 0.0, 1.0]]
+
+
+def test_surrogate_gradient_at_theta_old_is_the_policy_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    adv = torch.tensor([[0.5, -2.0, 1.5]])
+    loss, _, _ = core.clipped_surrogate(logp, logp.detach(), adv)
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -adv)
+
+
+def test_aggregation_modes_hand_computed():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert core.aggregate(loss, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert core.aggregate(loss, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    assert core.aggregate(loss, mask, "seq_mean_token_sum").item() == pytest.approx((6 + 4) / 2)
+    assert core.aggregate(loss, mask, "seq_sum_const", constant=5).item() == pytest.approx(10 / (2 * 5))
+    with pytest.raises(ValueError):
+        core.aggregate(loss, mask, "seq_sum_const")
