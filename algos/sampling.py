@@ -303,7 +303,7 @@ class HFSampler:
             do_sample=not greedy,
             temperature=None if greedy else float(params.temperature),
             top_p=None if greedy else float(params.top_p),
-            top_k=0,  # the global default would otherwise be top_k=50
+            top_k=None if greedy else 0,  # unset, the global default top_k=50 would apply
             num_beams=1,
             num_return_sequences=1,  # rows are already expanded (prompt x n), see `generate`
             eos_token_id=self.eos_id,

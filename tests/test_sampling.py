@@ -49,7 +49,7 @@ def _tiny_llama(tok, seed: int = 0) -> LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        initializer_range=0.5,  # large weights: peaked, prompt-dependent next-token distributions
+        initializer_range=0.2,  # large weights: peaked, prompt-dependent next-token distributions
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -78,7 +78,7 @@ def _with_output_bias(model, bias: dict[int, float]):
 
 
 def _prompts(tok) -> list[list[int]]:
-    texts = ["Janet has", "Problem:\nWhat is 12 + 30?\n\nSolution:", "x =", "The quick brown fox jumps"]
+    texts = ["Janet has", "Problem:\nWhat is 12 + 30?\n\nSolution:", "x = y * 2, so y", "The quick brown fox jumps"]
     return [[tok.bos_token_id] + tok.encode(t) for t in texts]
 
 

@@ -88,8 +88,9 @@ def toy(tokenizer, small_model):
 
 
 def make_algo(ctx, **overrides):
-    cfg = VinePPOConfig(prompts_per_iteration=1, samples_per_prompt=8, mc_rollouts=4, max_new_tokens=64,
-                        minibatch_size=8, micro_batch_size=8, **overrides)
+    settings = dict(prompts_per_iteration=1, samples_per_prompt=8, mc_rollouts=4, max_new_tokens=64,
+                    minibatch_size=8, micro_batch_size=8)
+    cfg = VinePPOConfig(**{**settings, **overrides})
     return VinePPO(cfg, ctx, total_iterations=1)
 
 

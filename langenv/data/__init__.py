@@ -187,11 +187,11 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def _scan_json(path: Path) -> list[int]:
+def _scan_json(path: Path) -> list[int] | None:
     """Check a JSON / JSON Lines file line by line before `datasets` reads it.
 
-    Returns the 1-based line number of each row (blank lines are skipped by `datasets` too), so
-    later errors about row ``i`` can name ``file:line``.
+    Returns the 1-based line number of each row of a JSON Lines file (blank lines are skipped by
+    `datasets` too), so later errors about row ``i`` can name ``file:line``; None for a JSON array.
 
     Raises:
         ValueError: a line that is not valid JSON or not a JSON object (``file:line``), or a file
@@ -212,7 +212,7 @@ def _scan_json(path: Path) -> list[int]:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}: row {i} is a JSON {type(row).__name__}, expected an object")
-        return list(range(1, len(rows) + 1))  # no line info for arrays: report row numbers
+        return None  # no line numbers for a JSON array: errors name the row index
     lines: list[int] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -1,0 +1,423 @@
+"""Answer checking for GSM8K and MATH: extraction, equivalence, and a killable worker pool.
+
+Pipeline (``shared/reference/graders.md`` §5): extract the final answer of the completion and of
+the reference with our own rules, normalise both, decide with strings and exact numbers where
+that suffices (in process, no sympy), and only otherwise parse both with math-verify 0.9.0 and
+compare them symbolically inside a `GradingPool` worker that is killed after ``timeout_s``.
+Model text is never evaluated: no ``eval``/``sympify``/``parse_expr`` on it; math-verify's LaTeX
+parser is the only parser, and it is reached only by answers that passed the size guards.
+
+Statuses (`Grade.status`; reward is 1.0 only for "correct"):
+    correct    the final answer is equivalent to the reference.
+    incorrect  a final answer was found and it is not equivalent.
+    no_answer  no final answer could be extracted from the completion.
+    timeout    the check ran past its limit (the pool's hard kill, or math-verify's 1 s alarms).
+    invalid    the answer was refused before sympy (exponent tower, exponent > 9999, factorial of
+               a 4+ digit number, > 4000-digit integer, nesting > 50, > 600 chars), the reference
+               has no extractable answer, an input was not a str, or a worker crashed.
+
+Extraction (`extract_answer`; inputs are cut at the first end-of-turn token such as
+``<|im_end|>`` and to their last 4,000 characters):
+    * The rightmost of: the last ``\\boxed{..}``/``\\fbox{..}``/``\\boxed N`` (brace matched; an
+      unclosed box is skipped; boxes just before it are joined when separated by < 10 chars or by
+      a short connective phrase such as ``\\quad\\text{and}\\quad``), the last ``#### ..`` line, the
+      last "answer is/answer:/Final Answer: The final answer is ..." sentence (cut at ". ",
+      a blank line or "I hope").
+    * Else the last ``**..**`` holding a digit (markdown bold final answers).
+    * Else the whole text if it is bare (at most two prose words, e.g. ``64 square feet``),
+      else - lenient fallback, both kinds - the last math environment (``$..$``, ``\\(..\\)``,
+      ``\\[..\\]``) or the last number after it. A number glued after letters (``AZYUK2A``) is not
+      a number. A completion with no number and no math at all is "no_answer".
+    Documented consequence: a truncated completion whose last number equals the answer is graded
+    correct; GSM8K rationales and MATH solutions used for SFT always carry an explicit marker.
+
+Policies for the contested categories of ``shared/testdata/grader_cases.jsonl``:
+    * Lists (commas, ';', "and"/"or", several joined boxes) are UNORDERED SETS: every reference
+      element must equal some predicted element AND every predicted element must equal some
+      reference element (this closes math-verify's any-match hole, #47, and rejects hedging such
+      as ``\\boxed{2, 3}`` for 2). Duplicates count once. ``\\pm`` expands to two elements.
+      Tuples/intervals/vectors (bracketed) stay ORDERED.
+    * Decimal commas are not read: ``1,22`` is the list {1, 22}; ``1,000`` (groups of three, no
+      space) is one thousand; ``32, 349`` is a list.
+    * No rounding tolerance and no x100 percent matching: ``0.33`` != 1/3, ``5`` != ``500``.
+      A decimal stated to >= 6 places matches an exact value that it agrees with on every stated
+      place (``0.0833333333333333`` = 1/12); an explicit percent sign may mean either the number
+      or a hundredth of it (``10%`` = 10 = 0.1).
+    * Exact constants are compared exactly (no ``chop``): 1/2^99 != 1/2^98.
+    * Sets and inequalities are equivalent both ways (``x<3`` = ``(-\\infty,3)``), i.e.
+      math-verify's ``allow_set_relation_comp=True``.
+    * Chained equalities keep the last value (``x = 5+5+1 = 11``); math-verify's rules.
+    * Inline ``$..$`` may span lines.
+    * Distant boxes in a reference are not joined (see extraction above).
+    * ``3245/5`` = ``649`` (mathematically equal).
+    * Text answers (``\\text{Evelyn}``, ``odd``) are compared as strings, case-insensitively when
+      longer than one letter; ``E`` != ``E'``; base-n numerals (``204_5``) and answers with
+      ellipses are compared as strings only.
+    * GSM8K: exact rational comparison of the final number (units, ``$``, commas stripped).
+
+Use `grade` only inside a worker process or where a hang is acceptable; everything else should go
+through `GradingPool` / `grade_batch` / `is_correct`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import re
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Sequence
+
+from langenv import _grading_text as T
+
+STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "invalid")
+KINDS: tuple[str, ...] = ("gsm8k", "math")
+
+
+@dataclass(frozen=True)
+class Grade:
+    """Result of one check: ``reward`` is 1.0 for "correct", else 0.0; ``status`` is in STATUSES."""
+
+    reward: float
+    status: str
+
+
+_CORRECT = Grade(1.0, "correct")
+
+
+def _g(status: str) -> Grade:
+    return _CORRECT if status == "correct" else Grade(0.0, status)
+
+
+def detect_kind(reference: str) -> str:
+    """"gsm8k" if the reference contains a GSM8K ``#### N`` line, else "math". Never raises for a
+    str; a bare number reference is "math" (the math rules include exact numeric comparison)."""
+    return T.detect_kind(reference)
+
+
+def extract_answer(text: str, kind: str) -> str | None:
+    """The final answer of a completion or of a reference (solution, rationale or bare answer),
+    as a raw string, or None when there is none. ``kind`` is "gsm8k" or "math" (the rules are the
+    same today; the argument keeps the door open for per-task rules). Never raises for a str."""
+    del kind
+    return T.extract(text, "math")
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+# --------------------------------------------------------------------------------------------
+def _gsm8k_number(ans: str) -> T.Num | None:
+    num = T.parse_number(ans)
+    if num is not None:
+        return num
+    s = T.clean(ans)
+    if "=" in s:
+        num = T.parse_number(s.rsplit("=", 1)[1])
+        if num is not None:
+            return num
+    last = None
+    for last in T._NUMBER.finditer(s):
+        pass
+    return T.parse_number(last.group(0)) if last else None
+
+
+def _texty(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z][A-Za-z' ]*", s))
+
+
+_STRING_ONLY = re.compile(r"\\[lc]?dots|\.\.\.|(?<![A-Za-z_])\d+_\{?\d+\}?")
+
+
+def _elem_equal(gold: str, pred: str, symbolic: bool) -> bool:
+    """One element against one element. Raises T.NeedSympy (fast mode) or T.Refused."""
+    cg, cp = T.canon(gold), T.canon(pred)
+    if cg == cp:
+        return bool(cg)
+    if not cg or not cp:
+        return False
+    lg, lp = T.clean(gold), T.clean(pred)
+    if _texty(lg) and _texty(lp):
+        if max(len(lg), len(lp)) > 1 and "'" not in lg + lp:
+            return " ".join(lg.lower().split()) == " ".join(lp.lower().split())
+        return False
+    if (_texty(lg) and len(lg) > 2) or (_texty(lp) and len(lp) > 2):
+        return False  # a word against math
+    if _STRING_ONLY.search(lg) or _STRING_ONLY.search(lp):
+        return False
+    ng, np_ = T.parse_number(gold), T.parse_number(pred)
+    if ng is not None and np_ is not None:
+        return T.numbers_equal(ng, np_)
+    T.check_safe(lg)
+    T.check_safe(lp)
+    if not symbolic:
+        raise T.NeedSympy
+    from langenv import _grading_sym
+
+    return _grading_sym.equal(lg, lp, ng, np_)
+
+
+def _same_set(golds: list[str], preds: list[str], symbolic: bool) -> bool:
+    """Set equality under _elem_equal: every reference element equals some predicted element and
+    every predicted element equals some reference element (so an extra or hedged element fails,
+    and ``\\boxed{x+11}`` or ``\\boxed{11+x}`` counts once). Identical pairs are paired first."""
+    cache: dict[tuple[int, int], bool] = {}
+
+    def eq(i: int, j: int) -> bool:
+        if (i, j) not in cache:
+            cache[(i, j)] = _elem_equal(golds[i], preds[j], symbolic)
+        return cache[(i, j)]
+
+    cg, cp = [T.canon(g) for g in golds], [T.canon(p) for p in preds]
+    gold_ok = [c in cp for c in cg]
+    pred_ok = [c in cg for c in cp]
+    for i in (i for i, ok in enumerate(gold_ok) if not ok):
+        order = sorted(range(len(preds)), key=lambda j: pred_ok[j])  # unmatched preds first
+        j = next((j for j in order if eq(i, j)), None)
+        if j is None:
+            return False
+        pred_ok[j] = True
+    return all(ok or any(eq(i, j) for i in range(len(golds))) for j, ok in enumerate(pred_ok))
+
+
+def _compare(gold: str, pred: str, kind: str, symbolic: bool) -> str:
+    if kind == "gsm8k":
+        gnum = _gsm8k_number(gold)
+        if gnum is not None:
+            pnum = _gsm8k_number(pred)
+            return "correct" if pnum is not None and T.numbers_equal(gnum, pnum) else "incorrect"
+    if T.canon(gold) == T.canon(pred):
+        return "correct"
+    golds, preds = T.elements(gold), T.elements(pred)
+    if not golds:
+        return "invalid"
+    if not preds:
+        return "incorrect"
+    if len(golds) > T.MAX_ELEMENTS or len(preds) > T.MAX_ELEMENTS:
+        return "incorrect"
+    if len(golds) != len(preds) and (
+        (len(golds) == 1 and T.is_container(golds[0])) or (len(preds) == 1 and T.is_container(preds[0]))
+    ):  # a tuple/interval/set against a bare list: compare the whole answers (ordered for tuples)
+        return "correct" if _elem_equal(gold, pred, symbolic) else "incorrect"
+    return "correct" if _same_set(golds, preds, symbolic) else "incorrect"
+
+
+def _grade(completion: str, reference: str, kind: str | None, symbolic: bool) -> Grade:
+    if not isinstance(completion, str) or not isinstance(reference, str):
+        return _g("invalid")
+    if kind not in KINDS:
+        kind = detect_kind(reference)
+    gold = T.extract(reference, kind)
+    if not gold:
+        return _g("invalid")
+    pred = T.extract(completion, kind)
+    if not pred:
+        return _g("no_answer")
+    try:
+        return _g(_compare(gold, pred, kind, symbolic))
+    except T.Refused:
+        return _g("invalid")
+
+
+def grade(completion: str, reference: str, kind: str | None = None) -> Grade:
+    """Grade one completion in this process (see the module docstring for the rules/statuses).
+
+    ``kind`` is "gsm8k" or "math"; None (or anything else) means `detect_kind(reference)`.
+    Never raises for str inputs (a non-str input is "invalid"). math-verify's 1 s alarms run only
+    in the main thread; in another thread a symbolic check can hang, and in any thread a C-level
+    blow-up is not interruptible, so use it inside a worker or where hangs are acceptable."""
+    try:
+        return _grade(completion, reference, kind, symbolic=True)
+    except RecursionError:
+        return _g("invalid")
+    except Exception:
+        return _g("invalid")
+    except BaseException as exc:  # math-verify's TimeoutException subclasses BaseException
+        if type(exc).__name__ == "TimeoutException":
+            return _g("timeout")
+        raise
+
+
+def _fast(completion: str, reference: str, kind: str | None) -> Grade | None:
+    """The grade if it needs no sympy (strings, exact numbers, guards), else None. Never raises."""
+    try:
+        return _grade(completion, reference, kind, symbolic=False)
+    except T.NeedSympy:
+        return None
+    except Exception:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# worker pool
+# --------------------------------------------------------------------------------------------
+def _worker_init(memory_mb: int) -> None:
+    try:
+        import resource
+
+        limit = int(memory_mb) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, ValueError, OSError):
+        pass
+    from langenv import _grading_sym  # noqa: F401  (imports math_verify/sympy once per worker)
+
+
+def _worker_grade(completion: str, reference: str, kind: str | None) -> tuple[float, str]:
+    g = grade(completion, reference, kind)
+    return g.reward, g.status
+
+
+def _mp_context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+class GradingPool:
+    """Persistent pool of killable grading workers (pebble, forkserver/spawn context).
+
+    Args:
+        workers: worker processes (started lazily, on the first check that needs sympy).
+        timeout_s: wall-clock limit per check; an overrunning worker is killed and replaced.
+        memory_mb: RLIMIT_AS of each worker.
+
+    `grade_many` decides string/numeric checks in process (no IPC) and sends the rest to the
+    workers. It never raises for model text: an overrun is Grade(0, "timeout"), a crashed or lost
+    worker Grade(0, "invalid"). Use as a context manager or call `close`.
+    """
+
+    def __init__(self, workers: int = 2, timeout_s: float = 2.0, memory_mb: int = 2048):
+        if workers < 1 or timeout_s <= 0 or memory_mb < 256:
+            raise ValueError("GradingPool: need workers >= 1, timeout_s > 0, memory_mb >= 256")
+        self.workers, self.timeout_s, self.memory_mb = workers, float(timeout_s), memory_mb
+        self._pool = None
+        self._lock = threading.Lock()
+        self.stats = {"fast": 0, "pool": 0, "timeout": 0, "crash": 0}
+
+    def _ensure(self, restart: bool = False):
+        with self._lock:
+            if restart and self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+            if self._pool is None:
+                from pebble import ProcessPool
+
+                self._pool = ProcessPool(
+                    max_workers=self.workers,
+                    initializer=_worker_init,
+                    initargs=(self.memory_mb,),
+                    context=_mp_context(),
+                )
+            return self._pool
+
+    def _schedule(self, item: tuple[str, str, str | None], timeout: float):
+        for restart in (False, True):
+            try:
+                return self._ensure(restart).schedule(_worker_grade, args=item, timeout=timeout)
+            except Exception:
+                continue
+        return None
+
+    def grade_many(
+        self, items: Sequence[tuple[str, str, str | None]], timeout_s: float | None = None
+    ) -> list[Grade]:
+        """Grade (completion, reference, kind) triples; one Grade per item, in order.
+
+        ``timeout_s`` overrides the pool's per-check limit for this call."""
+        timeout = float(timeout_s) if timeout_s else self.timeout_s
+        results: list[Grade | None] = []
+        pending: list[tuple[int, tuple]] = []
+        for i, item in enumerate(items):
+            c, r, k = (tuple(item) + (None,))[:3]
+            g = _fast(c, r, k)
+            results.append(g)
+            if g is None:
+                pending.append((i, (c, r, k)))
+        self.stats["fast"] += len(results) - len(pending)
+        self.stats["pool"] += len(pending)
+        futures = [(i, self._schedule(item, timeout)) for i, item in pending]
+        from pebble import ProcessExpired
+
+        for i, fut in futures:
+            if fut is None:
+                results[i] = _g("invalid")
+                continue
+            try:
+                reward, status = fut.result()
+                results[i] = Grade(float(reward), status)
+            except (FutureTimeout, TimeoutError):
+                self.stats["timeout"] += 1
+                results[i] = _g("timeout")
+            except ProcessExpired:
+                self.stats["crash"] += 1
+                results[i] = _g("invalid")
+            except Exception:
+                results[i] = _g("invalid")
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the workers (idempotent). The pool restarts if used again."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.stop()
+                try:
+                    self._pool.join(timeout=5)
+                except Exception:
+                    pass
+                self._pool = None
+
+    def __enter__(self) -> "GradingPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_DEFAULT: GradingPool | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_pool() -> GradingPool:
+    """The process-wide pool (created on first use; 2 workers, 2 s, 2 GiB; closed at exit).
+
+    ``LANGENV_GRADING_WORKERS`` / ``LANGENV_GRADING_TIMEOUT_S`` override the defaults."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = GradingPool(
+                workers=int(os.environ.get("LANGENV_GRADING_WORKERS", "2")),
+                timeout_s=float(os.environ.get("LANGENV_GRADING_TIMEOUT_S", "2.0")),
+            )
+            atexit.register(_DEFAULT.close)
+        return _DEFAULT
+
+
+def grade_batch(
+    completions: Sequence[str],
+    references: Sequence[str],
+    kind: str | Sequence[str | None] | None = None,
+    timeout_s: float | None = None,
+) -> list[Grade]:
+    """Grade completions[i] against references[i] with `default_pool`.
+
+    ``kind`` is one kind for all, a per-item sequence, or None (detected per reference).
+    Raises ValueError if the lengths differ; never raises for model text."""
+    if len(completions) != len(references):
+        raise ValueError(f"grade_batch: {len(completions)} completions, {len(references)} references")
+    kinds = [kind] * len(completions) if kind is None or isinstance(kind, str) else list(kind)
+    if len(kinds) != len(completions):
+        raise ValueError("grade_batch: kind sequence has the wrong length")
+    items = list(zip(completions, references, kinds))
+    return default_pool().grade_many(items, timeout_s=timeout_s) if items else []
+
+
+def is_correct(completion: str, reference: str, kind: str | None = None) -> bool:
+    """True iff the completion's final answer is equivalent to the reference, checked through
+    `default_pool` with its hard timeout. Never raises for str inputs."""
+    return grade_batch([completion], [reference], kind)[0].reward == 1.0
+
+
+__all__ = [
+    "Grade", "GradingPool", "KINDS", "STATUSES", "default_pool", "detect_kind", "extract_answer",
+    "grade", "grade_batch", "is_correct",
+]
