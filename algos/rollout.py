@@ -100,17 +100,3 @@ def collect_episodes(
     starts = [env.initial_state(p) for p in problems]
     groups = continue_states(env, sampler, starts, params, seed=seed, timings=timings)
     return [Episode(r.state, r.reward, r.status, r.text) for group in groups for r in group]
-
-
-def token_char_starts(tokenizer, token_ids: Sequence[int]) -> list[int]:
-    """Character offset, in the decoded text, at which each token starts, shape (T,).
-
-    Computed from decodes of every prefix (exact for any tokenizer whose decode is
-    prefix-consistent); kept non-decreasing where a byte-level token splits a character.
-    """
-    prefixes = tokenizer.batch_decode([list(token_ids[:i]) for i in range(len(token_ids))], skip_special_tokens=True)
-    starts, best = [], 0
-    for text in prefixes:
-        best = max(best, len(text))
-        starts.append(best)
-    return starts

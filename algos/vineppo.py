@@ -20,16 +20,18 @@ Where the paper's code and this file could differ, the code was followed
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 
 from langenv.state import EnvState
-from langenv.steps import step_char_offsets, token_step_ids
+from langenv.steps import step_char_offsets
 
 from algos.actor import ActorSettings, actor_update
-from algos.rollout import Episode, collect_episodes, continue_states, token_char_starts
+from algos.rollout import Episode, collect_episodes, continue_states
 from algos.sampling import SamplingParams
 from algos.trainer import TrainContext, make_optimizer
 
@@ -136,21 +138,29 @@ class StepLayout:
 
 
 def step_layout(episode: Episode, tokenizer, split_steps) -> StepLayout:
-    """Split a response into steps on its decoded text and map the steps to token offsets."""
+    """Split a response into steps on its decoded text and map the steps to token offsets.
+
+    Token t starts at character ``len(decode(ids[:t]))``; it belongs to the step containing that
+    character, so a step starts at the first token whose start reaches the step's first character
+    (found by binary search: O(steps · log T) decodes). A step in which no token starts merges
+    into the step before it. A trailing EOS belongs to the last step.
+    """
     ids = list(episode.response_ids)
     if not ids:
         return StepLayout((0,), ())
-    starts = token_char_starts(tokenizer, ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     steps = [s for s in split_steps(text) if s] or [text]
-    raw = token_step_ids(starts, step_char_offsets(steps))
-    # token-level steps are runs of tokens whose first character lies in the same text step;
-    # a text step with no token starting inside it merges into the step before it
-    boundaries, token_steps = [0], [0]
-    for t in range(1, len(ids)):
-        if raw[t] != raw[t - 1]:
+
+    @lru_cache(maxsize=None)
+    def token_start(t: int) -> int:
+        return len(tokenizer.decode(ids[:t], skip_special_tokens=True))
+
+    boundaries = [0]
+    for char in step_char_offsets(steps)[1:]:
+        t = bisect_left(range(len(ids)), char, key=token_start)
+        if boundaries[-1] < t < len(ids):
             boundaries.append(t)
-        token_steps.append(len(boundaries) - 1)
+    token_steps = [bisect_right(boundaries, t) - 1 for t in range(len(ids))]
     return StepLayout(tuple(boundaries), tuple(token_steps))
 
 

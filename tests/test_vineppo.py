@@ -179,3 +179,20 @@ def test_config_rejects_bad_values():
         VinePPOConfig(learning_rate=-1e-6)
     with pytest.raises(ValueError, match="top_p"):
         VinePPOConfig(top_p=1.5)
+
+
+def test_layout_matches_brute_force_token_mapping_on_real_solutions(tokenizer, gsm8k_task):
+    from langenv.state import EnvState
+    from langenv.steps import step_char_offsets, token_step_ids
+    from algos.rollout import Episode
+
+    for problem in gsm8k_task.load("test")[:40]:
+        ids = tuple(tokenizer(gsm8k_task.target(problem), add_special_tokens=False).input_ids) + (tokenizer.eos_token_id,)
+        episode = Episode(EnvState(problem, (1,), ids, max_new_tokens=len(ids), terminated=True), 1.0, "correct", "")
+        layout = step_layout(episode, tokenizer, gsm8k_task.split_steps)
+        text = tokenizer.decode(list(ids), skip_special_tokens=True)
+        starts = [len(tokenizer.decode(list(ids[:t]), skip_special_tokens=True)) for t in range(len(ids))]
+        raw = token_step_ids(starts, step_char_offsets(gsm8k_task.split_steps(text)))
+        runs = [0] + [t for t in range(1, len(ids)) if raw[t] != raw[t - 1]]
+        assert list(layout.boundaries) == runs
+        assert len(layout.boundaries) == len(gsm8k_task.split_steps(text))
