@@ -1,10 +1,9 @@
-"""String-level half of the answer checker: extraction, normalisation, numbers, guards.
+"""String-level comparison for `langenv.grading`: normalisation, exact numbers, answer lists,
+and the guards that decide what may reach sympy.
 
-Nothing in this module imports sympy or math-verify, evaluates text, or runs a regex that can
-backtrack badly: every input is first capped to its last `MAX_CHARS` characters. It is therefore
-safe to run in the trainer process; `langenv.grading` uses it for the in-process fast path and
-sends only the undecided (symbolic) comparisons to the worker pool. See `langenv.grading` for the
-policy behind each rule.
+Nothing here imports sympy or math-verify or evaluates text, and no regex can backtrack badly, so
+it runs in the trainer process: `langenv.grading` decides string/number comparisons with it and
+sends only the symbolic ones to the worker pool. See `langenv.grading` for the policies.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-MAX_CHARS = 4000  # inputs are cut to their last MAX_CHARS characters before any regex
 MAX_DIGITS = 4000  # longer digit runs are compared as strings only (no int conversion, no sympy)
 MAX_DEPTH = 50  # deeper bracket nesting is refused before sympy
 MAX_SYMPY_LEN = 600  # longer answers are compared as strings only
@@ -30,225 +28,12 @@ class Refused(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# extraction
-# --------------------------------------------------------------------------------------------
-_CHAT_END = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end_of_text)\|>|</s>")
-_BOX = re.compile(r"\\(?:boxed|fbox)\b")
-_ANSWER = re.compile(
-    r"(?i)\b(final\s+)?answer\b(?:\s*\*\*)?(?:\s*(?:is\b|:|=)\s*(?:\*\*)?|\s*(?=\$|\\[(\[]|-?\d))"
-)
-_HASHES = re.compile(r"####")
-_BOLD = re.compile(r"\*\*([^*\n]{1,60})\*\*")
-_MATH_ENV = re.compile(
-    r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$([^$]+?)(?<!\\)\$", re.DOTALL
-)
-_NUMBER = re.compile(
-    r"(?<![A-Za-z_\\\d.])(?:-\s?)?(?:[1-9]\d{0,2}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?"
-    r"(?:\s*(?:\\?%|percent\b))?|(?<![\w.\\])\.\d+"
-)
-_WORD = re.compile(r"[A-Za-z]{2,}")
-# two-letter tokens that are English words; other two-letter tokens (ab, xy, AB) are math
-_SHORT_WORDS = {"is", "of", "to", "in", "it", "at", "on", "an", "be", "by", "we", "so", "if",
-                "as", "no", "do", "my", "up", "he", "us", "am", "me", "or"}
-_COMMAND = re.compile(r"\\[A-Za-z]+")
-_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|mathcal|"
-                       r"mathsf|mathbb|operatorname|emph)\s*\{([^{}]*)\}")
-_CONNECTORS = {"and", "or"}
-
-
-def cap(text: str) -> str:
-    """The part of ``text`` that extraction looks at: before any end-of-turn token, last MAX_CHARS."""
-    m = _CHAT_END.search(text)
-    if m:
-        text = text[: m.start()]
-    return text[-MAX_CHARS:]
-
-
-def _match_brace(text: str, i: int) -> int:
-    """Index of the brace closing the one at ``text[i]``, or -1."""
-    depth = 0
-    for j in range(i, len(text)):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return j
-    return -1
-
-
-def _boxes(text: str) -> tuple[int, str] | None:
-    """The last ``\\boxed{..}``/``\\fbox{..}``/``\\boxed N`` group: (start, contents joined by ', ').
-
-    Boxes immediately before the last one are joined to it when the gap between them is short
-    (< 10 chars) or is a short connective phrase (one and/or/,/; plus at most three other words).
-    An unclosed box is skipped.
-    """
-    found: list[tuple[int, int, str]] = []  # (start, end, content), right to left
-    limit = len(text)
-    for m in reversed(list(_BOX.finditer(text))):
-        if m.end() > limit:
-            continue
-        j = m.end()
-        while j < limit and text[j] == " ":
-            j += 1
-        if j < limit and text[j] == "{":
-            k = _match_brace(text[:limit], j)
-            if k < 0:
-                continue  # unclosed box (truncated output): not an answer
-            content, end = text[j + 1 : k], k + 1
-        else:
-            tok = re.match(r"[^\s$]+", text[j:limit])
-            if not tok or text[m.end()] != " ":
-                continue
-            content, end = tok.group(0).rstrip(".,"), j + tok.end()
-        if found and not _joinable(text[end : found[-1][0]]):
-            break
-        if not found or content.strip() != found[-1][2].strip():
-            found.append((m.start(), end, content))
-        else:
-            found[-1] = (m.start(), found[-1][1], found[-1][2])
-        limit = m.start()
-    if not found:
-        return None
-    return found[-1][0], ", ".join(c for _, _, c in reversed(found))
-
-
-def _joinable(gap: str) -> bool:
-    if len(gap.strip()) < 10:
-        return True
-    if len(gap) >= 70:
-        return False
-    plain = _TEXT_CMD.sub(r" \1 ", gap)
-    plain = _COMMAND.sub(" ", plain)
-    words = [w.lower() for w in _WORD.findall(plain)]
-    seps = sum(w in _CONNECTORS for w in words) + plain.count(",") + plain.count(";")
-    rest = re.sub(r"[A-Za-z]{2,}|[\s$,;.:]", "", plain)  # what is left besides words: e.g. "y_2="
-    return seps == 1 and len(words) - sum(w in _CONNECTORS for w in words) <= 3 and len(rest) <= 8
-
-
-def _segment(text: str, start: int) -> str:
-    """The sentence that starts at ``start``: up to '. ', a blank line or 'I hope' (outside $..$)."""
-    seg = text[start : start + 400]
-    cut = re.search(r"\n\s*\n|I hope", seg)
-    if cut:
-        seg = seg[: cut.start()]
-    in_math = False
-    i = 0
-    while i < len(seg):
-        c = seg[i]
-        if c == "\\" and i + 1 < len(seg):
-            if seg[i + 1] in "([":
-                in_math = True
-            elif seg[i + 1] in ")]":
-                in_math = False
-            i += 2
-            continue
-        if c == "$":
-            in_math = not in_math
-        elif c == "." and not in_math and (i + 1 == len(seg) or seg[i + 1].isspace()):
-            return seg[:i]
-        i += 1
-    return seg
-
-
-_ENV_NAME = re.compile(r"\\(?:begin|end)\s*\{[^{}]*\}(?:\{[lcr| ]*\})?")
-
-
-def word_count(text: str) -> int:
-    """Prose words (2+ letters) outside LaTeX commands and \\text{} arguments, and/or excluded."""
-    plain = _TEXT_CMD.sub(" ", _ENV_NAME.sub(" ", text))
-    plain = _COMMAND.sub(" ", plain)
-    return sum(w.lower() not in _CONNECTORS and (len(w) > 2 or w.lower() in _SHORT_WORDS)
-               for w in _WORD.findall(plain))
-
-
-def _last_number(text: str) -> tuple[int, str] | None:
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
-    return (last.end(), last.group(0)) if last else None
-
-
-def _pick(seg: str, bare_words: int = 2) -> str | None:
-    """The answer inside a segment: the segment itself if it is bare (at most ``bare_words``
-    words of prose), else the last math environment if it is bare and no number follows it, else
-    the last number."""
-    seg = seg.strip()
-    if not seg:
-        return None
-    env = None
-    for env in _MATH_ENV.finditer(seg):
-        pass
-    if word_count(seg) <= bare_words and (env is None or word_count(_MATH_ENV.sub(" ", seg)) == 0):
-        return seg
-    num = _last_number(seg)
-    if env is not None:
-        content = next(g for g in env.groups() if g is not None)
-        if (num is None or num[0] <= env.end()) and word_count(content) <= 1:
-            return content
-        if num is not None and num[0] <= env.end():
-            inner = _last_number(content)
-            return inner[1] if inner else None
-    return num[1] if num else None
-
-
-def extract(text: str, kind: str) -> str | None:
-    """Final answer string of a completion or reference (see `langenv.grading.extract_answer`)."""
-    text = cap(text)
-    if not text.strip():
-        return None
-    cands: list[tuple[int, str]] = []
-    box = _boxes(text)
-    if box:
-        cands.append(box)
-    hashes = list(_HASHES.finditer(text))
-    if hashes:
-        line = text[hashes[-1].end() :].split("\n", 1)[0]
-        ans = _pick(line, bare_words=3)
-        if ans:
-            cands.append((hashes[-1].start(), ans))
-    # "final answer" sentences compete with boxes and #### by position; a plain "answer is/:"
-    # sentence counts only without them; one with plain words only ("our answer is correct")
-    # counts only without any other marker.
-    plain = weak = None
-    plain_at = -1
-    for m in reversed(list(_ANSWER.finditer(text))):
-        if cands and m.start() < max(c[0] for c in cands):
-            break
-        seg = _segment(text, m.end())
-        ans = _pick(seg)
-        if not ans:
-            continue
-        if not re.search(r"[\d\\$=<>()\[\]{}^]", ans):
-            weak = weak or ans
-        elif m.group(1):  # a plain "Answer: x" inside this sentence is the more specific one
-            cands.append((m.start(), plain if 0 <= plain_at < m.end() + len(seg) else ans))
-            break
-        elif plain is None:
-            plain, plain_at = ans, m.start()
-    if cands:
-        return max(cands, key=lambda c: c[0])[1].strip()
-    if plain or weak:
-        return (plain or weak).strip()
-    bold = None
-    for bold in _BOLD.finditer(text):
-        pass
-    if bold is not None and re.search(r"\d", bold.group(1)):
-        return bold.group(1).strip()
-    ans = _pick(text)
-    return ans.strip() if ans else None
-
-
-def detect_kind(reference: str) -> str:
-    """"gsm8k" when the reference holds a GSM8K '#### N' line, else "math"."""
-    return "gsm8k" if re.search(r"(?m)^\s*####", cap(reference)) else "math"
-
-
-# --------------------------------------------------------------------------------------------
 # normalisation
 # --------------------------------------------------------------------------------------------
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|mathcal|"
+                       r"mathsf|mathbb|operatorname|emph)\s*\{([^{}]*)\}")
+
+
 def _drop_commas(m: re.Match[str]) -> str:
     return m.group(1) + m.group(2).replace(",", "")
 
@@ -380,8 +165,9 @@ def parse_number(ans: str) -> Num | None:
 
 
 def numbers_equal(gold: Num, pred: Num) -> bool:
-    """Exact equality; a percent sign on one side may also mean /100 (10% = 10 = 0.1). A decimal
-    stated to >= 6 places also matches an exact fraction it agrees with on every stated place."""
+    """Exact equality; a percent sign on one side may also mean /100 (10% = 10 = 0.1), and a
+    decimal stated to >= 6 places matches the exact value it rounds or truncates (see
+    `decimal_agrees`)."""
     if gold.value is None or pred.value is None:
         return gold.value is None and pred.value is None and gold.digits == pred.digits
     g, p = gold.value, pred.value
@@ -391,19 +177,40 @@ def numbers_equal(gold: Num, pred: Num) -> bool:
     if gold.percent and not pred.percent:
         options.append((g / 100, p))
     for a, b in options:
-        if a == b:
+        if a == b or decimal_agrees(b, pred.places, a) or decimal_agrees(a, gold.places, b):
             return True
-        for dec, exact in ((pred, a), (gold, b)):
-            d = b if dec is pred else a
-            if dec.places >= 6 and abs(d - exact) < Fraction(1, 10**dec.places):
-                return True
     return False
+
+
+def decimal_agrees(dec: Fraction, places: int, exact: Fraction) -> bool:
+    """True if ``dec``, a decimal stated to ``places`` >= 6 places, is ``exact`` rounded or
+    truncated to that many places (0.333333 and 0.3333333 for 1/3; not 0.333334, not 0.33)."""
+    if places < 6:
+        return False
+    ulp = Fraction(1, 10**places)
+    if abs(dec - exact) * 2 <= ulp:
+        return True
+    return (dec >= 0) == (exact >= 0) and abs(dec) <= abs(exact) and abs(exact) - abs(dec) < ulp
 
 
 # --------------------------------------------------------------------------------------------
 # answer lists
 # --------------------------------------------------------------------------------------------
 _OPEN, _CLOSE = "([{", ")]}"
+
+
+def _match_brace(text: str, i: int) -> int:
+    """Index of the brace closing the one at ``text[i]``, or -1."""
+    depth = 0
+    for j in range(i, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
 
 
 def _split_top(s: str, seps: re.Pattern[str]) -> list[str]:
@@ -473,6 +280,8 @@ def elements(ans: str) -> list[str]:
             parts = [p.strip(" ,") for p in parts]
     else:
         parts = [q for q in _split_top(s, _SEP2) if q]
+    if len(parts) > 2 * MAX_ELEMENTS:  # far too many: no de-duplication, the caller refuses it
+        return parts[: MAX_ELEMENTS + 1]
     out: list[str] = []
     seen: set[str] = set()  # duplicates (same canonical string or same number) count once
     for p in parts:
@@ -521,9 +330,10 @@ def _match_paren(s: str, i: int) -> int:
 
 
 def check_safe(s: str) -> None:
-    """Raise `Refused` if ``s`` must not reach sympy: too long, nested deeper than MAX_DEPTH,
-    a digit run longer than MAX_DIGITS, an exponent tower or an exponent/factorial argument
-    above MAX_EXPONENT / 999."""
+    """Raise `Refused` if ``s`` must not reach sympy: longer than MAX_SYMPY_LEN, nested deeper
+    than MAX_DEPTH, a digit run longer than MAX_DIGITS, a numeric exponent tower (an exponent
+    that is itself a power of constants), a factorial in an exponent, an exponent literal above
+    MAX_EXPONENT, or a factorial of a 4+ digit number."""
     if len(s) > MAX_SYMPY_LEN:
         raise Refused("answer too long for a symbolic check")
     depth = peak = 0
@@ -538,8 +348,9 @@ def check_safe(s: str) -> None:
     if re.search(rf"\d{{{MAX_DIGITS + 1}}}", s):
         raise Refused("integer too long")
     for exp in _exponents(s):
-        if "^" in exp or "**" in exp or "!" in exp or "\\uparrow" in exp:
-            raise Refused("exponent tower")
+        numeric = not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+|\be\b", "", exp))
+        if numeric and ("^" in exp or "**" in exp) or "!" in exp or "\\uparrow" in exp:
+            raise Refused("exponent tower")  # 9^{9^9}, 2^{2^{64}}; e^{-x^2} is fine
         for d in re.findall(r"\d+", exp):
             if len(d) > 5 or int(d) > MAX_EXPONENT:
                 raise Refused("exponent too large")

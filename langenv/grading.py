@@ -12,45 +12,50 @@ Statuses (`Grade.status`; reward is 1.0 only for "correct"):
     incorrect  a final answer was found and it is not equivalent.
     no_answer  no final answer could be extracted from the completion.
     timeout    the check ran past its limit (the pool's hard kill, or math-verify's 1 s alarms).
-    invalid    the answer was refused before sympy (exponent tower, exponent > 9999, factorial of
-               a 4+ digit number, > 4000-digit integer, nesting > 50, > 600 chars), the reference
-               has no extractable answer, an input was not a str, or a worker crashed.
+    invalid    the answer was refused before sympy (a numeric exponent tower such as 9^{9^9}, an
+               exponent above 9999, a factorial of a 4+ digit number, nesting deeper than 50,
+               more than 600 characters), the reference has no extractable answer, an input was
+               not a str, or a worker crashed. Identical answers are "correct" before any guard;
+               integers longer than 4,000 digits are only ever compared as strings.
 
 Extraction (`extract_answer`; inputs are cut at the first end-of-turn token such as
-``<|im_end|>`` and to their last 4,000 characters):
-    * The rightmost of: the last ``\\boxed{..}``/``\\fbox{..}``/``\\boxed N`` (brace matched; an
+``<|im_end|>`` and to their last 6,000 characters, enough for a 4,000-digit integer):
+    * The rightmost of: the last ``\boxed{..}``/``\fbox{..}``/``\boxed N`` (brace matched; an
       unclosed box is skipped; boxes just before it are joined when separated by < 10 chars or by
-      a short connective phrase such as ``\\quad\\text{and}\\quad``), the last ``#### ..`` line, the
-      last "answer is/answer:/Final Answer: The final answer is ..." sentence (cut at ". ",
-      a blank line or "I hope").
-    * Else the last ``**..**`` holding a digit (markdown bold final answers).
-    * Else the whole text if it is bare (at most two prose words, e.g. ``64 square feet``),
-      else - lenient fallback, both kinds - the last math environment (``$..$``, ``\\(..\\)``,
-      ``\\[..\\]``) or the last number after it. A number glued after letters (``AZYUK2A``) is not
-      a number. A completion with no number and no math at all is "no_answer".
-    Documented consequence: a truncated completion whose last number equals the answer is graded
-    correct; GSM8K rationales and MATH solutions used for SFT always carry an explicit marker.
+      a short connective phrase such as ``\quad\text{and}\quad``), the last ``#### ..`` line, and
+      the last "Final Answer: ..."/"final answer is ..." sentence (cut at ". ", a blank line or
+      "I hope").
+    * Else the last "answer is/answer: ..." sentence (one made of plain words only, such as "our
+      answer is correct", ranks last), else the last ``**..**`` holding a digit.
+    * Else the whole text if it is bare (at most two prose words, e.g. ``64 square feet``,
+      ``\text{Evelyn}``), else - LENIENT FALLBACK, both kinds - the last math environment
+      (``$..$``, ``\(..\)``, ``\[..\]``) or the last number after it. A number glued after
+      letters (``AZYUK2A``) is not a number; a completion with no number and no math is
+      "no_answer". Consequence: a completion without any marker whose last number equals the
+      answer is graded correct. The GSM8K/MATH SFT targets always carry a marker, and the
+      environment does not grade truncated episodes.
 
 Policies for the contested categories of ``shared/testdata/grader_cases.jsonl``:
     * Lists (commas, ';', "and"/"or", several joined boxes) are UNORDERED SETS: every reference
       element must equal some predicted element AND every predicted element must equal some
       reference element (this closes math-verify's any-match hole, #47, and rejects hedging such
-      as ``\\boxed{2, 3}`` for 2). Duplicates count once. ``\\pm`` expands to two elements.
+      as ``\boxed{2, 3}`` for 2). Duplicates count once. ``\pm`` expands to two elements.
       Tuples/intervals/vectors (bracketed) stay ORDERED.
     * Decimal commas are not read: ``1,22`` is the list {1, 22}; ``1,000`` (groups of three, no
       space) is one thousand; ``32, 349`` is a list.
-    * No rounding tolerance and no x100 percent matching: ``0.33`` != 1/3, ``5`` != ``500``.
-      A decimal stated to >= 6 places matches an exact value that it agrees with on every stated
-      place (``0.0833333333333333`` = 1/12); an explicit percent sign may mean either the number
-      or a hundredth of it (``10%`` = 10 = 0.1).
-    * Exact constants are compared exactly (no ``chop``): 1/2^99 != 1/2^98.
-    * Sets and inequalities are equivalent both ways (``x<3`` = ``(-\\infty,3)``), i.e.
+    * No rounding tolerance and no x100 matching: ``0.33`` != 1/3, ``5`` != ``500``. A decimal
+      stated to >= 6 places matches the exact value it rounds or truncates
+      (``0.0833333333333333`` = 1/12, ``4.123106`` = sqrt(17)). An explicit percent sign may mean
+      the number or a hundredth of it (``10%`` = 10 = 0.1).
+    * Exact constants are compared exactly (no ``evalf(chop=True)``): 1/2^99 != 1/2^98.
+    * Sets and inequalities are equivalent both ways (``x<3`` = ``(-\infty,3)``), i.e.
       math-verify's ``allow_set_relation_comp=True``.
-    * Chained equalities keep the last value (``x = 5+5+1 = 11``); math-verify's rules.
+    * Equations follow math-verify: chains keep the last value (``x = 5+5+1 = 11``), ``x = 5``
+      matches 5, and ``7 = 11a+c`` does not match ``11a+c``.
     * Inline ``$..$`` may span lines.
     * Distant boxes in a reference are not joined (see extraction above).
     * ``3245/5`` = ``649`` (mathematically equal).
-    * Text answers (``\\text{Evelyn}``, ``odd``) are compared as strings, case-insensitively when
+    * Text answers (``\text{Evelyn}``, ``odd``) are compared as strings, case-insensitively when
       longer than one letter; ``E`` != ``E'``; base-n numerals (``204_5``) and answers with
       ellipses are compared as strings only.
     * GSM8K: exact rational comparison of the final number (units, ``$``, commas stripped).
@@ -62,6 +67,7 @@ through `GradingPool` / `grade_batch` / `is_correct`.
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import re
@@ -70,8 +76,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Sequence
 
+from langenv import _grading_extract as X
 from langenv import _grading_text as T
 
+_log = logging.getLogger(__name__)
 STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "invalid")
 KINDS: tuple[str, ...] = ("gsm8k", "math")
 
@@ -94,15 +102,14 @@ def _g(status: str) -> Grade:
 def detect_kind(reference: str) -> str:
     """"gsm8k" if the reference contains a GSM8K ``#### N`` line, else "math". Never raises for a
     str; a bare number reference is "math" (the math rules include exact numeric comparison)."""
-    return T.detect_kind(reference)
+    return X.detect_kind(reference)
 
 
 def extract_answer(text: str, kind: str) -> str | None:
     """The final answer of a completion or of a reference (solution, rationale or bare answer),
     as a raw string, or None when there is none. ``kind`` is "gsm8k" or "math" (the rules are the
     same today; the argument keeps the door open for per-task rules). Never raises for a str."""
-    del kind
-    return T.extract(text, "math")
+    return X.extract(text, kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,17 +124,16 @@ def _gsm8k_number(ans: str) -> T.Num | None:
         num = T.parse_number(s.rsplit("=", 1)[1])
         if num is not None:
             return num
-    last = None
-    for last in T._NUMBER.finditer(s):
-        pass
-    return T.parse_number(last.group(0)) if last else None
+    last = X.last_number(s)
+    return T.parse_number(last[1]) if last else None
 
 
 def _texty(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z][A-Za-z' ]*", s))
 
 
-_STRING_ONLY = re.compile(r"\\[lc]?dots|\.\.\.|(?<![A-Za-z_])\d+_\{?\d+\}?")
+_ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=[^=]*$")  # "k = 1" (one '=')
+_STRING_ONLY = re.compile(r"\\[lc]?dots|\.\.\.|(?<![A-Za-z_\d])\d+_\{?\d+\}?")
 
 
 def _elem_equal(gold: str, pred: str, symbolic: bool) -> bool:
@@ -149,6 +155,15 @@ def _elem_equal(gold: str, pred: str, symbolic: bool) -> bool:
     ng, np_ = T.parse_number(gold), T.parse_number(pred)
     if ng is not None and np_ is not None:
         return T.numbers_equal(ng, np_)
+    # a number against "x = <number>": math-verify compares the right-hand sides; so do we
+    if ng is not None and "=" in lp:
+        rhs = T.parse_number(lp.rsplit("=", 1)[1])
+        if rhs is not None:
+            return T.numbers_equal(ng, rhs)
+    if np_ is not None and _ASSIGNMENT.match(lg):
+        rhs = T.parse_number(lg.split("=", 1)[1])
+        if rhs is not None:
+            return T.numbers_equal(rhs, np_)
     T.check_safe(lg)
     T.check_safe(lp)
     if not symbolic:
@@ -208,11 +223,11 @@ def _grade(completion: str, reference: str, kind: str | None, symbolic: bool) ->
         return _g("invalid")
     if kind not in KINDS:
         kind = detect_kind(reference)
-    gold = T.extract(reference, kind)
-    if not gold:
+    gold = X.extract(reference, kind)
+    if not gold or not T.canon(gold):
         return _g("invalid")
-    pred = T.extract(completion, kind)
-    if not pred:
+    pred = X.extract(completion, kind)
+    if not pred or not T.canon(pred):
         return _g("no_answer")
     try:
         return _g(_compare(gold, pred, kind, symbolic))
@@ -229,9 +244,7 @@ def grade(completion: str, reference: str, kind: str | None = None) -> Grade:
     blow-up is not interruptible, so use it inside a worker or where hangs are acceptable."""
     try:
         return _grade(completion, reference, kind, symbolic=True)
-    except RecursionError:
-        return _g("invalid")
-    except Exception:
+    except Exception:  # includes RecursionError and MemoryError (RLIMIT_AS in a worker)
         return _g("invalid")
     except BaseException as exc:  # math-verify's TimeoutException subclasses BaseException
         if type(exc).__name__ == "TimeoutException":
@@ -252,25 +265,14 @@ def _fast(completion: str, reference: str, kind: str | None) -> Grade | None:
 # --------------------------------------------------------------------------------------------
 # worker pool
 # --------------------------------------------------------------------------------------------
-def _worker_init(memory_mb: int) -> None:
-    try:
-        import resource
-
-        limit = int(memory_mb) * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ImportError, ValueError, OSError):
-        pass
-    from langenv import _grading_sym  # noqa: F401  (imports math_verify/sympy once per worker)
-
-
-def _worker_grade(completion: str, reference: str, kind: str | None) -> tuple[float, str]:
-    g = grade(completion, reference, kind)
-    return g.reward, g.status
-
-
 def _mp_context():
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    """forkserver (workers fork from a server that has math-verify imported, so a replacement
+    after a kill starts in milliseconds) where available, else spawn; never fork."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["langenv._grading_sym"])
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 class GradingPool:
@@ -283,7 +285,12 @@ class GradingPool:
 
     `grade_many` decides string/numeric checks in process (no IPC) and sends the rest to the
     workers. It never raises for model text: an overrun is Grade(0, "timeout"), a crashed or lost
-    worker Grade(0, "invalid"). Use as a context manager or call `close`.
+    worker Grade(0, "invalid"). Use as a context manager or call `close`. ``stats`` counts checks
+    decided in process ("fast"), sent to workers ("pool"), timeouts and crashes.
+
+    Workers start with forkserver (spawn where unavailable), never fork, so the pool is safe in a
+    process holding CUDA or threads; like any spawn/forkserver pool, a script that uses it must
+    guard its entry point with ``if __name__ == "__main__":``.
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 2.0, memory_mb: int = 2048):
@@ -302,20 +309,24 @@ class GradingPool:
             if self._pool is None:
                 from pebble import ProcessPool
 
+                from langenv import _grading_worker as W
+
                 self._pool = ProcessPool(
                     max_workers=self.workers,
-                    initializer=_worker_init,
+                    initializer=W.init,
                     initargs=(self.memory_mb,),
                     context=_mp_context(),
                 )
             return self._pool
 
     def _schedule(self, item: tuple[str, str, str | None], timeout: float):
+        from langenv import _grading_worker as W
+
         for restart in (False, True):
             try:
-                return self._ensure(restart).schedule(_worker_grade, args=item, timeout=timeout)
-            except Exception:
-                continue
+                return self._ensure(restart).schedule(W.run, args=item, timeout=timeout)
+            except Exception as exc:  # a broken/stopped pool: restart it once
+                _log.warning("GradingPool: scheduling failed (%r)%s", exc, "" if restart else "; restarting")
         return None
 
     def grade_many(
@@ -331,8 +342,8 @@ class GradingPool:
             c, r, k = (tuple(item) + (None,))[:3]
             g = _fast(c, r, k)
             results.append(g)
-            if g is None:
-                pending.append((i, (c, r, k)))
+            if g is None:  # only the capped text travels (extraction never looks further)
+                pending.append((i, (X.cap(c), X.cap(r), k)))
         self.stats["fast"] += len(results) - len(pending)
         self.stats["pool"] += len(pending)
         futures = [(i, self._schedule(item, timeout)) for i, item in pending]
@@ -348,10 +359,12 @@ class GradingPool:
             except (FutureTimeout, TimeoutError):
                 self.stats["timeout"] += 1
                 results[i] = _g("timeout")
-            except ProcessExpired:
+            except ProcessExpired as exc:
                 self.stats["crash"] += 1
+                _log.warning("GradingPool: worker died (%s); graded invalid", exc)
                 results[i] = _g("invalid")
-            except Exception:
+            except Exception as exc:
+                _log.warning("GradingPool: check failed (%r); graded invalid", exc)
                 results[i] = _g("invalid")
         return results  # type: ignore[return-value]
 
