@@ -105,7 +105,9 @@ def batch_sequences(
         ValueError: different numbers of prompts and responses, or an empty prompt.
     """
     if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"expected as many responses as prompts, got {len(response_ids)} responses for {len(prompt_ids)} prompts")
+        raise ValueError(
+            f"expected as many responses as prompts, got {len(response_ids)} responses for {len(prompt_ids)} prompts"
+        )
     if len(prompt_ids) == 0:
         raise ValueError("expected at least one sequence, got an empty batch")
     for i, p in enumerate(prompt_ids):
@@ -160,7 +162,8 @@ def token_logprobs(
         raise ValueError(f"temperature: expected a finite value >= 0, got {temperature}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
-            f"expected input_ids and attention_mask of the same shape (B, L), got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            "expected input_ids and attention_mask of the same shape (B, L), "
+            f"got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size: expected an int >= 1 or None, got {chunk_size}")

@@ -216,7 +216,8 @@ class HFSampler:
             raise ValueError(f"max_batch_size: expected an int >= 1, got {max_batch_size!r}")
         if max_context is None:
             max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1):
+        bad_context = isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1
+        if max_context is not None and bad_context:
             raise ValueError(f"max_context: expected an int >= 1 or None, got {max_context!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer has no EOS token (eos_token_id is None); HFSampler needs one to stop sequences")
@@ -343,7 +344,9 @@ class HFSampler:
             self._finish(generated[r].tolist(), logprobs[r].tolist(), params, hits[r]) for r in range(len(prompts))
         ]
 
-    def _finish(self, tokens: list[int], logprobs: list[float], params: SamplingParams, window_hit: int | None) -> Completion:
+    def _finish(
+        self, tokens: list[int], logprobs: list[float], params: SamplingParams, window_hit: int | None
+    ) -> Completion:
         """Cut one generated row (padding included) at EOS or the stop string, and decode it.
 
         ``window_hit`` is the step count at which `_StopOnGeneratedText` stopped the row, if it did.
