@@ -41,7 +41,7 @@ class RunConfig:
     """Registered task name (gsm8k, math)."""
     model: str = "tiny"
     """'tiny' (built and warm-started offline, cached) or a hub id / local directory of a causal LM."""
-    iterations: int = 12
+    iterations: int = 8
     """Total number of training iterations."""
     seed: int = 0
     """Seed for prompt selection, sampling, shuffling and initialisation."""
@@ -51,7 +51,7 @@ class RunConfig:
     """Allow writing into an existing run directory that already holds metrics."""
     eval_every: int = 4
     """Evaluate on the test split every this many iterations (and always before and after)."""
-    eval_problems: int = 200
+    eval_problems: int = 100
     """Test problems per evaluation (0 = the whole split); the first N of the split."""
     eval_samples: int = 1
     """Samples per test problem; accuracy is the mean correct fraction (paper: 16)."""
@@ -74,7 +74,9 @@ class RunConfig:
     cache_dir: Path = Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv"))
     """Where the offline tiny model's warm start is cached."""
     threads: int | None = None
-    """torch CPU threads (default: all cores)."""
+    """torch CPU threads for the RL loop. Default: 1 for the tiny model on CPU (its small matrix
+    products gain little from a second thread and slow down badly when the cores are shared, e.g.
+    with grading workers), torch's default otherwise. The warm start always uses torch's default."""
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -209,8 +211,6 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     Hugging Face format under ``final/`` and, if enabled, periodic checkpoints; mirrors metrics to
     wandb.
     """
-    if run.threads:
-        torch.set_num_threads(run.threads)
     random.seed(run.seed)
     np.random.seed(run.seed)
     torch.manual_seed(run.seed)
@@ -220,6 +220,9 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     (out / "config.json").write_text(json.dumps(config_dump, indent=2))
 
     policy, tokenizer = load_model(run, task)
+    threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     policy.eval()
     reference = clone_reference(policy)
     max_new = algo_config.max_new_tokens

@@ -99,7 +99,7 @@ class VinePPOConfig:
     def cpu_tiny(cls) -> "VinePPOConfig":
         """Small setting for the offline tiny model on a 2-core CPU (not the paper's)."""
         return cls(prompts_per_iteration=8, samples_per_prompt=4, mc_rollouts=4, max_step_for_value_estimation=25,
-                   max_new_tokens=256, minibatch_size=16, micro_batch_size=16, learning_rate=1e-5)
+                   max_new_tokens=200, minibatch_size=16, micro_batch_size=16, learning_rate=1e-5)
 
     @property
     def sampling(self) -> SamplingParams:
