@@ -115,7 +115,7 @@ def actor_update(
             adv = core.masked_whiten(mb["advantages"], mask) if settings.whiten_advantages else mb["advantages"]
             n_tokens, n_seqs = mask.sum().clamp(min=1), len(mb_rows)
             optimizer.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip": 0.0, "ratio": 0.0}
+            sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}
             for part in _chunks(list(range(n_seqs)), settings.micro_batch_size):
                 sub = {k: v[part] for k, v in mb.items()}
                 sub_mask, sub_adv = mask[part], adv[part]
@@ -129,7 +129,7 @@ def actor_update(
                 sums["loss"] += loss.item()
                 sums["pg_loss"] += pg_sum.item() / n_tokens.item()
                 sums["kl"] += kl_seq_sum.item() / n_tokens.item()
-                sums["clip"] += core.masked_sum(clipped, sub_mask).item() / n_tokens.item()
+                sums["clip_frac"] += core.masked_sum(clipped, sub_mask).item() / n_tokens.item()
                 sums["ratio"] += core.masked_sum(ratio.detach(), sub_mask).item() / n_tokens.item()
             if not math.isfinite(sums["loss"]) or sums["ratio"] > settings.max_ratio:
                 optimizer.zero_grad(set_to_none=True)
@@ -138,8 +138,8 @@ def actor_update(
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.grad_clip)
             optimizer.step()
             scheduler.step()
-            for key, name in (("loss", "loss"), ("pg_loss", "pg_loss"), ("kl", "kl"), ("clip", "clip_frac"), ("ratio", "ratio")):
-                stats[name].append(sums[key])
+            for name, value in sums.items():
+                stats[name].append(value)
             stats["grad_norm"].append(float(grad_norm))
     policy.eval()
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-import torch
-
 from langenv.state import EnvState
 from langenv.steps import step_char_offsets
 
@@ -101,9 +99,9 @@ class VinePPOConfig:
         return cls(prompts_per_iteration=8, samples_per_prompt=4, mc_rollouts=4, max_step_for_value_estimation=25,
                    max_new_tokens=200, minibatch_size=16, micro_batch_size=16, learning_rate=1e-5)
 
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+    def sampling(self, n: int, stop_strings: tuple[str, ...]) -> SamplingParams:
+        """The one sampler setting used for both trajectories and MC rollouts (only n differs)."""
+        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, n)
 
     def steps_per_iteration(self) -> int:
         episodes = self.prompts_per_iteration * self.samples_per_prompt
@@ -193,10 +191,10 @@ class VinePPO:
         cfg, ctx = self.config, self.ctx
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, ctx.env.task.stop_strings, cfg.samples_per_prompt)
+        params = cfg.sampling(cfg.samples_per_prompt, ctx.task.stop_strings)
         episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"), timings=timings)
         t1 = time.perf_counter()
-        layouts = [step_layout(e, ctx.tokenizer, ctx.env.task.split_steps) for e in episodes]
+        layouts = [step_layout(e, ctx.tokenizer, ctx.task.split_steps) for e in episodes]
         values, mc = self.estimate_values(episodes, layouts, iteration)
         t2 = time.perf_counter()
         advantages = [token_advantages(layout, v, e.reward) for e, layout, v in zip(episodes, layouts, values)]
@@ -254,7 +252,7 @@ class VinePPO:
             requests.append(row)
         states = list(unique.values())
         timings: dict[str, float] = {}
-        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, ctx.env.task.stop_strings, cfg.mc_rollouts)
+        params = cfg.sampling(cfg.mc_rollouts, ctx.task.stop_strings)
         results = continue_states(ctx.env, ctx.sampler, states, params, seed=ctx.seed_for(iteration, "mc"), timings=timings)
         value_of = {s.token_ids: sum(r.reward for r in rs) / len(rs) for s, rs in zip(states, results)}
         tokens = sum(len(r.state.response_ids) - len(s.response_ids) for s, rs in zip(states, results) for r in rs)
