@@ -118,3 +118,126 @@ def aggregate(loss: Tensor, mask: Tensor, mode: AggregationMode = "token_mean", 
     if mode == "seq_mean_token_sum":
         return masked_sum(loss, mask, dim=1).mean()
     raise ValueError(f"mode: expected one of {AggregationMode.__args__}, got {mode!r}")
+
+
+def aggregate_sum(loss: Tensor, mask: Tensor, mode: AggregationMode, constant: float | None = None) -> Tensor:
+    """The numerator of `aggregate` for a slice of a mini-batch, so that micro-batches can be
+    accumulated: ``aggregate(loss, mask) == Σ_parts aggregate_sum(part) / aggregate_norm(whole)``.
+
+    token_mean, seq_sum_const and seq_mean_token_sum sum masked tokens (per-sequence sums);
+    seq_mean_token_mean sums each sequence's token mean.
+    """
+    if mode == "seq_mean_token_mean":
+        return masked_mean(loss, mask, dim=1).sum()
+    if mode in ("token_mean", "seq_sum_const", "seq_mean_token_sum"):
+        return masked_sum(loss, mask)
+    raise ValueError(f"mode: expected one of {AggregationMode.__args__}, got {mode!r}")
+
+
+def aggregate_norm(mask: Tensor, mode: AggregationMode, constant: float | None = None) -> float:
+    """The denominator of `aggregate` for a whole (mini-)batch with ``mask`` (B, T): the number of
+    masked tokens (token_mean), B (seq_mean_*), or B · constant (seq_sum_const).
+
+    Raises:
+        ValueError: unknown mode, or seq_sum_const without a positive constant.
+    """
+    if mode == "token_mean":
+        return max(float(mask.sum()), 1.0)
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return float(mask.shape[0])
+    if mode == "seq_sum_const":
+        if not constant or constant <= 0:
+            raise ValueError(f"seq_sum_const needs a positive constant (L_max), got {constant}")
+        return float(mask.shape[0] * constant)
+    raise ValueError(f"mode: expected one of {AggregationMode.__args__}, got {mode!r}")
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous Control
+    Using GAE", eq. 16) over right-padded token sequences.
+
+    ``δ_t = r_t + γ V(s_{t+1}) − V(s_t)`` with ``V = 0`` after the last masked position, and
+    ``A_t = Σ_l (γλ)^l δ_{t+l}``; value targets ``G_t = A_t + V(s_t)`` (before any whitening), as in
+    McGill-NLP/VinePPO trainers/ppo_trainer.py. With γ = λ = 1 and a terminal-only reward R,
+    ``A_t = R − V(s_t)`` and ``G_t = R``.
+
+    Args:
+        rewards: (B, T) per-token rewards (0 off the mask).
+        values: (B, T) V(s_t), the value of the state before token t.
+        mask: (B, T) 0/1, 1 on response tokens; each row's ones must be contiguous.
+    Returns:
+        (advantages, returns): (B, T) each, 0 off the mask.
+    """
+    rewards, values, mask = rewards.float() * mask, values.float() * mask, mask.float()
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float) -> Tensor:
+    """PPO's clipped value loss per token: ``½ · max((V − G)², (clip(V, V_old ± c) − G)²)``
+    (McGill-NLP/VinePPO trainers/ppo_trainer.py; OpenAI baselines ppo2). Shapes (B, T)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def group_advantages(rewards: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO's outcome advantage per sequence (Shao et al. 2024, DeepSeekMath §4.1.2):
+    ``Â_i = (r_i − mean(r)) / (std(r) + eps)`` within each group, with the unbiased std (verl
+    ``compute_grpo_outcome_advantage``, eps 1e-6). ``scale_by_std=False`` is Dr. GRPO's
+    ``r_i − mean(r)`` (Liu et al. 2025, arXiv 2503.20783). A group with equal rewards gets 0.
+
+    Args:
+        rewards: (N, G) rewards of N groups of G samples.
+    Returns:
+        (N, G) advantages.
+    """
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale_by_std or rewards.shape[1] < 2:
+        return centred
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def leave_one_out_advantages(rewards: Tensor) -> Tensor:
+    """RLOO's advantage (Ahmadian et al. 2024, "Back to Basics", eq. 6): each sample's reward minus
+    the mean of the other k − 1 rewards of its group, ``A_i = R_i − (1/(k−1)) Σ_{j≠i} R_j
+    = k/(k−1) · (R_i − R̄)``. Sums to 0 within a group.
+
+    Args:
+        rewards: (N, k) rewards, k >= 2.
+    Raises:
+        ValueError: if k < 2 (no baseline).
+    """
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError(f"leave-one-out needs at least 2 samples per group, got {k}")
+    rewards = rewards.float()
+    baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+    return rewards - baseline
+
+
+def dpo_positive_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                      beta: float, lam: float) -> tuple[Tensor, Tensor]:
+    """DPO-Positive loss per pair (Pal et al. 2024, "Smaug", arXiv 2402.13228, eq. 3):
+
+        L = −log σ( β · [ Δ_w − Δ_l − λ · max(0, −Δ_w) ] ),   Δ = log π_θ(y|x) − log π_ref(y|x),
+
+    λ inside the β bracket as in the paper and McGill-NLP/VinePPO trainers/dpo_positive_trainer.py.
+    λ = 0 is DPO (Rafailov et al. 2023, eq. 7). At π_θ = π_ref the loss is log 2.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (P,) sequence log-probs (sums over
+            response tokens, nats) of the chosen (correct) and rejected responses.
+    Returns:
+        (loss, margin): (P,) per-pair loss and the bracketed logit β·[...].
+    """
+    delta_w = policy_chosen - ref_chosen
+    delta_l = policy_rejected - ref_rejected
+    margin = beta * (delta_w - delta_l - lam * torch.clamp(-delta_w, min=0.0))
+    return -torch.nn.functional.logsigmoid(margin), margin

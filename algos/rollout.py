@@ -100,3 +100,22 @@ def collect_episodes(
     starts = [env.initial_state(p) for p in problems]
     groups = continue_states(env, sampler, starts, params, seed=seed, timings=timings)
     return [Episode(r.state, r.reward, r.status, r.text) for group in groups for r in group]
+
+
+GRADING_STATUSES = ("correct", "incorrect", "no_answer", "timeout", "invalid", "truncated")
+
+
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Metrics every algorithm logs about the episodes it trained on: mean reward, truncated
+    fraction, mean response length (tokens), sampled tokens, and a count per grading status."""
+    n = max(len(episodes), 1)
+    tokens = sum(len(e.response_ids) for e in episodes)
+    metrics = {
+        "train/reward": sum(e.reward for e in episodes) / n,
+        "train/truncated": sum(e.state.truncated for e in episodes) / n,
+        "train/response_tokens": tokens / n,
+        "tokens/episodes": float(tokens),
+    }
+    for status in GRADING_STATUSES:
+        metrics[f"grading/{status}"] = float(sum(e.status == status for e in episodes))
+    return metrics

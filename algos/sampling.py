@@ -202,6 +202,9 @@ class HFSampler:
         max_batch_size: most sequences (prompts x n) per `generate` call.
         max_context: most tokens of prompt + completion. ``None`` means the model's
             ``config.max_position_embeddings`` when it has one, else no cap.
+        cache_implementation: the `transformers` KV-cache class for `generate`: ``None`` (the
+            default dynamic cache, grown by concatenation every step) or ``"static"``
+            (preallocated, written in place).
 
     Rows are sorted by prompt length (longest first) to reduce padding, chunked, generated and
     returned in input order. With a seed, the global torch RNG is forked for the call (restored
@@ -211,7 +214,8 @@ class HFSampler:
     what `SamplingParams` says.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None):
+    def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None,
+                 cache_implementation: str | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size: expected an int >= 1, got {max_batch_size!r}")
         if max_context is None:
@@ -225,6 +229,7 @@ class HFSampler:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_context = max_context
+        self.cache_implementation = cache_implementation
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
 
@@ -310,6 +315,7 @@ class HFSampler:
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
             use_cache=True,
+            cache_implementation=self.cache_implementation,
             return_dict_in_generate=True,
         )
         stash = _StashLogSoftmax(params.temperature)

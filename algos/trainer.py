@@ -59,6 +59,10 @@ class RunConfig:
     """Evaluation temperature; 0 is greedy (paper: 0.35 with top_p 0.9)."""
     eval_top_p: float = 0.9
     """Evaluation nucleus mass."""
+    eval_sampled: bool = True
+    """Also evaluate one sample per test problem at the algorithm's training temperature and top_p,
+    logging eval/accuracy_sampled and eval/kl: KL(π‖π_ref) per response token, the k3 estimate on
+    those samples under the tempered policies (what the training KL penalties regularise)."""
     save_every: int = 0
     """Save a checkpoint every this many iterations (0: only the final model)."""
     keep_checkpoints: int = 2
@@ -133,21 +137,43 @@ def select_prompts(problems: Sequence, count: int, seed: int, iteration: int) ->
     return [problems[i] for i in order[: min(count, len(problems))]]
 
 
+def accuracy_metrics(episodes: Sequence, problems: int, samples: int, prefix: str = "eval/accuracy") -> dict[str, float]:
+    """Mean correct fraction over problems (``samples`` consecutive episodes each) and its standard
+    error across problems."""
+    per_problem = [sum(e.reward for e in episodes[i * samples:(i + 1) * samples]) / samples for i in range(problems)]
+    n = len(per_problem)
+    mean = sum(per_problem) / n
+    var = sum((p - mean) ** 2 for p in per_problem) / max(n - 1, 1)
+    return {prefix: mean, f"{prefix}_stderr": math.sqrt(var / n)}
+
+
 def evaluate(env: LanguageEnv, sampler: Sampler, problems: Sequence, samples: int, temperature: float,
              top_p: float, max_new_tokens: int, seed: int) -> dict[str, float]:
     """Mean correct fraction over ``samples`` responses to each problem, with its standard error."""
     params = SamplingParams(temperature, top_p if temperature > 0 else 1.0, max_new_tokens, env.task.stop_strings, samples)
     episodes = collect_episodes(env, sampler, problems, params, seed=seed)
-    per_problem = [sum(e.reward for e in episodes[i * samples:(i + 1) * samples]) / samples for i in range(len(problems))]
-    n = len(per_problem)
-    mean = sum(per_problem) / n
-    var = sum((p - mean) ** 2 for p in per_problem) / max(n - 1, 1)
     return {
-        "eval/accuracy": mean,
-        "eval/accuracy_stderr": math.sqrt(var / n),
+        **accuracy_metrics(episodes, len(problems), samples),
         "eval/truncated": sum(e.state.truncated for e in episodes) / len(episodes),
         "eval/response_tokens": sum(len(e.response_ids) for e in episodes) / len(episodes),
     }
+
+
+def kl_to_reference(policy, reference, episodes: Sequence, temperature: float, pad_token_id: int,
+                    micro: int = 32) -> float:
+    """Mean per-token k3 estimate of KL(π_T‖π_ref,T) over the response tokens of ``episodes``, which
+    must be samples of the policy at ``temperature`` (nats per token)."""
+    from algos import core
+    from algos.actor import batch_logprobs
+    from algos.policy import batch_sequences
+
+    if not episodes:
+        return float("nan")
+    batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
+    mask = batch["response_mask"].float()
+    logp = batch_logprobs(policy, batch, temperature, micro)
+    ref = batch_logprobs(reference, batch, temperature, micro)
+    return float(core.masked_mean(core.kl_estimate(logp, ref, "k3"), mask))
 
 
 def load_model(run: RunConfig, task: Task):
@@ -160,15 +186,17 @@ def load_model(run: RunConfig, task: Task):
 
 def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:
     """The offline default model for a task: a tokenizer trained on the task's train text and a
-    small Llama fine-tuned on its reference solutions (`algos.sft.warm_start`), built once and cached
-    under ``cache_dir``. The SFT seed is fixed, so every run and algorithm starts from the same
-    checkpoint."""
-    from algos.sft import TINY_GSM8K_MODEL, TINY_GSM8K_SFT, warm_start
+    small Llama fine-tuned on its reference solutions (`algos.sft.warm_start` with the task's
+    `algos.sft.tiny_setup`), built once per (task, model config, SFT config, seed) and cached under
+    ``cache_dir``, so every run and algorithm starts from the same checkpoint."""
+    from algos.sft import tiny_setup, warm_start
 
+    setup = tiny_setup(task.name)
     problems = task.load("train")
     examples = [(task.prompt(p), task.target(p)) for p in problems]
     texts = [t for pair in examples for t in pair]
-    return warm_start(f"tiny-{task.name}", examples, texts, cache_dir, TINY_GSM8K_MODEL, TINY_GSM8K_SFT, progress=progress)
+    return warm_start(f"tiny-{task.name}", examples, texts, cache_dir, setup.model_overrides, setup.sft_config,
+                      progress=progress, vocab_size=setup.vocab_size, tokenizer=setup.tokenizer)
 
 
 def _prepare_out(run: RunConfig, algo_name: str) -> Path:
@@ -207,9 +235,12 @@ def _jsonable(obj):
 def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> dict[str, Any]:
     """Run ``run.iterations`` iterations of an algorithm; returns a summary.
 
-    Writes ``config.json``, ``metrics.jsonl`` (one JSON object per iteration), the final model in
-    Hugging Face format under ``final/`` and, if enabled, periodic checkpoints; mirrors metrics to
-    wandb.
+    Writes ``config.json``; ``metrics.jsonl`` (one JSON object per line: iteration 0 holds the
+    evaluation before training, then one row per iteration with the algorithm's metrics, the
+    evaluations when due, and running totals ``total/optimizer_steps`` and ``total/tokens`` — all
+    sampled tokens, Monte-Carlo rollouts included); the final model in Hugging Face format under
+    ``final/`` (plus anything the algorithm saves through an optional ``save(path)``, e.g. PPO's
+    critic); ``summary.json`` last; and, if enabled, periodic checkpoints. Mirrors metrics to wandb.
     """
     random.seed(run.seed)
     np.random.seed(run.seed)
@@ -239,42 +270,62 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         t = time.perf_counter()
         res = evaluate(eval_env, sampler, eval_problems, run.eval_samples, run.eval_temperature, run.eval_top_p,
                        max_new, seed=ctx.seed_for(iteration, "eval"))
+        if run.eval_sampled:
+            temperature, top_p = algo_config.temperature, algo_config.top_p
+            params = SamplingParams(temperature, top_p, max_new, task.stop_strings, 1)
+            episodes = collect_episodes(eval_env, sampler, eval_problems, params, seed=ctx.seed_for(iteration, "eval-sampled"))
+            res.update(accuracy_metrics(episodes, len(eval_problems), 1, "eval/accuracy_sampled"))
+            res["eval/kl"] = kl_to_reference(policy, reference, episodes, temperature, ctx.pad_token_id)
         res["time/eval"] = time.perf_counter() - t
         return res
 
     wandb_run = _init_wandb(run, out, config_dump, algo_name)
     start = time.perf_counter()
+    totals = {"total/optimizer_steps": 0.0, "total/tokens": 0.0}
     before = run_eval(0)
     print(f"[langenv] {algo_name} on {run.task}: accuracy before training {before['eval/accuracy']:.3f} "
           f"({len(eval_problems)} test problems x {run.eval_samples})")
     last_eval = before
     with open(out / "metrics.jsonl", "a") as metrics_file:
+        def log(metrics: dict[str, Any]) -> None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=metrics["iteration"])
+
+        log({"iteration": 0, **before, **totals, "time/elapsed": time.perf_counter() - start})
         for it in tqdm(range(run.iterations), desc=f"{algo_name} iterations", unit="it"):
             problems = select_prompts(env.problems, algo_config.prompts_per_iteration, run.seed, it)
             metrics = algorithm.iteration(problems, it)
+            totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
+            totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
             done = it + 1
             if (run.eval_every and done % run.eval_every == 0) or done == run.iterations:
                 last_eval = run_eval(done)
                 metrics.update(last_eval)
-            metrics = {"iteration": done, **metrics, "time/elapsed": time.perf_counter() - start}
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if wandb_run is not None:
-                wandb_run.log(metrics, step=done)
+            log({"iteration": done, **metrics, **totals, "time/elapsed": time.perf_counter() - start})
             if run.save_every and done % run.save_every == 0 and done < run.iterations:
                 _save(policy, tokenizer, out / "checkpoints" / f"iter-{done:06d}")
                 for old in sorted((out / "checkpoints").glob("iter-*"))[: -run.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
     _save(policy, tokenizer, out / "final")
+    if hasattr(algorithm, "save"):
+        algorithm.save(out / "final")
     if wandb_run is not None:
         wandb_run.finish()
     summary = {
-        "out": str(out), "accuracy_before": before["eval/accuracy"], "accuracy_after": last_eval["eval/accuracy"],
-        "wall_time_s": time.perf_counter() - start, "iterations": run.iterations,
+        "out": str(out), "algorithm": algo_name, "task": run.task, "seed": run.seed,
+        "iterations": run.iterations, "wall_time_s": time.perf_counter() - start,
+        "accuracy_before": before["eval/accuracy"], "accuracy_after": last_eval["eval/accuracy"],
+        "accuracy_after_stderr": last_eval["eval/accuracy_stderr"], **totals,
     }
+    for key in ("eval/accuracy_sampled", "eval/accuracy_sampled_stderr", "eval/kl"):
+        if key in last_eval:
+            summary[key.replace("eval/", "after_")] = last_eval[key]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[langenv] accuracy before {summary['accuracy_before']:.3f} -> after {summary['accuracy_after']:.3f} "
           f"(± {last_eval['eval/accuracy_stderr']:.3f}); {run.iterations} iterations in {summary['wall_time_s']:.0f} s")
-    print(f"[langenv] outputs: {out}/ (config.json, metrics.jsonl, final/ model in Hugging Face format)")
+    print(f"[langenv] outputs: {out}/ (config.json, metrics.jsonl, summary.json, final/ model in Hugging Face format)")
     return summary
 
 

@@ -29,7 +29,7 @@ from langenv.state import EnvState
 from langenv.steps import step_char_offsets
 
 from algos.actor import ActorSettings, actor_update
-from algos.rollout import Episode, collect_episodes, continue_states
+from algos.rollout import Episode, collect_episodes, continue_states, episode_metrics
 from algos.sampling import SamplingParams
 from algos.trainer import TrainContext, make_optimizer
 
@@ -204,17 +204,14 @@ class VinePPO:
         t3 = time.perf_counter()
         n_steps = [len(l.boundaries) for l in layouts]
         flat_adv = [a for adv in advantages for a in adv]
-        metrics = {
-            "train/reward": sum(e.reward for e in episodes) / len(episodes),
-            "train/truncated": sum(e.state.truncated for e in episodes) / len(episodes),
-            "train/response_tokens": sum(len(e.response_ids) for e in episodes) / len(episodes),
+        metrics = episode_metrics(episodes)
+        metrics.update({
             "train/steps_per_response": sum(n_steps) / len(n_steps),
             "train/value_s0": sum(v[0] for v in values) / len(values),
             "train/advantage_mean": sum(flat_adv) / max(len(flat_adv), 1),
             "vineppo/unique_states": mc["unique_states"],
             "vineppo/value_requests": mc["requests"],
             "vineppo/mc_rollouts": mc["rollouts"],
-            "tokens/episodes": sum(len(e.response_ids) for e in episodes),
             "tokens/mc_rollouts": mc["tokens"],
             "time/sampling": timings.get("generate", 0.0),
             "time/mc_rollouts": mc["generate"],
@@ -222,11 +219,9 @@ class VinePPO:
             "time/update": t3 - t2,
             "time/advantages": (t2 - t1) - mc["generate"] - mc["env"],
             "time/iteration": t3 - t0,
-        }
+        })
         metrics.update({f"update/{k}": v for k, v in update.items()})
         metrics["update/lr"] = self.scheduler.get_last_lr()[0]
-        for status in ("correct", "incorrect", "no_answer", "timeout", "invalid", "truncated"):
-            metrics[f"grading/{status}"] = sum(e.status == status for e in episodes)
         return metrics
 
     def estimate_values(self, episodes: Sequence[Episode], layouts: Sequence[StepLayout], iteration: int):

@@ -1,4 +1,5 @@
-"""Named settings: the CPU defaults of the offline tiny model and the VinePPO paper's runs.
+"""The algorithm registry of the command line, with named settings: the CPU defaults of the
+offline tiny model and the VinePPO paper's runs.
 
 Paper settings come from McGill-NLP/VinePPO configs ``polIter_{rho1bSft2,deepseekSft2}_vineppo_{GSM8K,MATH}``
 (see shared reference notes): 64 prompts x 8 samples, K = 9, T = 0.6, top_p 0.9, 1024 new tokens,
@@ -8,19 +9,57 @@ evaluation with 16 samples at T = 0.35.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
+from algos.dpo_plus import DPOPlus, DPOPlusConfig
+from algos.grpo import GRPO, GRPOConfig
+from algos.ppo import PPO, PPOConfig
+from algos.restem import RestEM, RestEMConfig
+from algos.rloo import RLOO, RLOOConfig
+from algos.sft_control import SFTControl, SFTControlConfig
 from algos.trainer import RunConfig
-from algos.vineppo import VinePPOConfig
+from algos.vineppo import VinePPO, VinePPOConfig
 
 
-@dataclass
-class VinePPOCommand:
-    """Train with VinePPO (Monte-Carlo value estimates from restored prefix states)."""
+@dataclass(frozen=True)
+class AlgorithmEntry:
+    """One algorithm of the command line: its name (``algo:<name>``), config and class."""
 
-    run: RunConfig = field(default_factory=RunConfig)
-    algo: VinePPOConfig = field(default_factory=VinePPOConfig.cpu_tiny)
+    name: str
+    config: type
+    build: Callable[..., Any]
+    description: str
 
+
+#: Every algorithm, in the order the CLI and compare.py list them.
+ALGORITHMS: dict[str, AlgorithmEntry] = {e.name: e for e in (
+    AlgorithmEntry("vineppo", VinePPOConfig, VinePPO, "VinePPO: PPO with Monte-Carlo values from restored prefix states"),
+    AlgorithmEntry("ppo", PPOConfig, PPO, "PPO with a value network initialised from the policy, GAE"),
+    AlgorithmEntry("grpo", GRPOConfig, GRPO, "GRPO: group-normalised advantages, k3 KL in the loss (also DAPO / Dr. GRPO losses)"),
+    AlgorithmEntry("rloo", RLOOConfig, RLOO, "RLOO: REINFORCE with a leave-one-out baseline"),
+    AlgorithmEntry("dpo-plus", DPOPlusConfig, DPOPlus, "DPO-Positive on correct/incorrect pairs sampled from the SFT policy"),
+    AlgorithmEntry("restem", RestEMConfig, RestEM, "ReST-EM: fine-tune the base model on its own correct samples"),
+    AlgorithmEntry("sft", SFTControlConfig, SFTControl, "Control: spend the budget on more SFT on reference solutions"),
+)}
+
+
+def _command(entry: AlgorithmEntry) -> type:
+    """A tyro-friendly dataclass ``(run: RunConfig, algo: <Config>)`` for one algorithm."""
+    cls = dataclasses.make_dataclass(
+        f"{entry.config.__name__.removesuffix('Config')}Command",
+        [("run", RunConfig, field(default_factory=RunConfig)),
+         ("algo", entry.config, field(default_factory=entry.config.cpu_tiny))],
+    )
+    cls.__doc__ = entry.description
+    cls.entry = entry
+    return cls
+
+
+#: One command dataclass per algorithm, keyed by name.
+COMMANDS: dict[str, type] = {name: _command(e) for name, e in ALGORITHMS.items()}
+VinePPOCommand = COMMANDS["vineppo"]
 
 PAPER_MODELS = {
     ("rho1b", "gsm8k"): "realtreetune/rho-1b-sft-GSM8K",
@@ -30,7 +69,7 @@ PAPER_MODELS = {
 }
 
 
-def paper_vineppo(model: str, task: str) -> VinePPOCommand:
+def paper_vineppo(model: str, task: str):
     """The paper's VinePPO run for a model ("rho1b", "deepseek7b") and task ("gsm8k", "math")."""
     run = replace(
         RunConfig(), task=task, model=PAPER_MODELS[(model, task)], iterations=650 if task == "gsm8k" else 1000,

@@ -1,9 +1,12 @@
 """Train a reasoning policy with one algorithm.
 
     python experiments/run.py algo:vineppo                       # offline tiny model on GSM8K, CPU
-    python experiments/run.py algo:vineppo --task math --model path/or/hub-id --device cuda
+    python experiments/run.py algo:grpo --task arithmetic        # any algorithm, any registered task
+    python experiments/run.py algo:ppo --task math --model path/or/hub-id --device cuda
     python experiments/run.py preset:vineppo-rho1b-gsm8k         # the paper's settings (GPU)
     python experiments/run.py algo:vineppo --help                # every flag
+
+Algorithms: vineppo, ppo, grpo, rloo, dpo-plus, restem, and sft (the supervised control).
 """
 
 from __future__ import annotations
@@ -17,29 +20,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tyro  # noqa: E402
 
 from algos.trainer import train  # noqa: E402
-from algos.vineppo import VinePPO  # noqa: E402
-from experiments.presets import VinePPOCommand, paper_vineppo  # noqa: E402
+from experiments.presets import ALGORITHMS, COMMANDS, paper_vineppo  # noqa: E402
 
-ALGORITHMS = {VinePPOCommand: ("vineppo", VinePPO)}
+_PAPER = [("rho1b", "gsm8k", "RhoMath-1.1B SFT on GSM8K"), ("rho1b", "math", "RhoMath-1.1B SFT on MATH"),
+          ("deepseek7b", "gsm8k", "DeepSeekMath-7B SFT on GSM8K"), ("deepseek7b", "math", "DeepSeekMath-7B SFT on MATH")]
 
-Command = Union[
-    Annotated[VinePPOCommand, tyro.conf.subcommand("algo:vineppo", default=VinePPOCommand(),
-                                                   description="VinePPO, CPU defaults for the offline tiny model")],
-    Annotated[VinePPOCommand, tyro.conf.subcommand("preset:vineppo-rho1b-gsm8k", default=paper_vineppo("rho1b", "gsm8k"),
-                                                   description="VinePPO, paper settings, RhoMath-1.1B SFT on GSM8K")],
-    Annotated[VinePPOCommand, tyro.conf.subcommand("preset:vineppo-rho1b-math", default=paper_vineppo("rho1b", "math"),
-                                                   description="VinePPO, paper settings, RhoMath-1.1B SFT on MATH")],
-    Annotated[VinePPOCommand, tyro.conf.subcommand("preset:vineppo-deepseek7b-gsm8k", default=paper_vineppo("deepseek7b", "gsm8k"),
-                                                   description="VinePPO, paper settings, DeepSeekMath-7B SFT on GSM8K")],
-    Annotated[VinePPOCommand, tyro.conf.subcommand("preset:vineppo-deepseek7b-math", default=paper_vineppo("deepseek7b", "math"),
-                                                   description="VinePPO, paper settings, DeepSeekMath-7B SFT on MATH")],
+_SUBCOMMANDS = [
+    Annotated[COMMANDS[name], tyro.conf.subcommand(f"algo:{name}", default=COMMANDS[name](),
+                                                   description=f"{entry.description} (CPU defaults for the offline tiny model)")]
+    for name, entry in ALGORITHMS.items()
+] + [
+    Annotated[COMMANDS["vineppo"], tyro.conf.subcommand(f"preset:vineppo-{model}-{task}", default=paper_vineppo(model, task),
+                                                        description=f"VinePPO, paper settings, {what}")]
+    for model, task, what in _PAPER
 ]
+Command = Union[tuple(_SUBCOMMANDS)]  # type: ignore[valid-type]
 
 
 def main(argv: list[str] | None = None) -> dict:
     command = tyro.cli(Command, args=argv, config=(tyro.conf.OmitArgPrefixes,))
-    name, algorithm = ALGORITHMS[type(command)]
-    return train(command.run, name, command.algo, algorithm)
+    entry = type(command).entry
+    return train(command.run, entry.name, command.algo, entry.build)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al., "Back to Basics: Revisiting
+REINFORCE Style Optimization for Learning from Human Feedback in LLMs", arXiv 2402.14740).
+
+For each problem, sample k responses; the whole response is one action. Its reward is the outcome
+score, optionally minus a k1 KL penalty summed over the sequence (no gradient through it):
+
+    R_i = r_i − β Σ_t [log π(y_{i,t}) − log π_ref(y_{i,t})],
+
+and its advantage is R_i minus the mean reward of the other k − 1 samples (paper eq. 6):
+
+    A_i = R_i − (1/(k−1)) Σ_{j≠i} R_j = k/(k−1) · (R_i − R̄).
+
+The loss is REINFORCE on sequence log-probs, ``−(1/k) Σ_i A_i Σ_t log π(y_{i,t})`` — aggregation
+``seq_mean_token_sum`` — computed through the shared actor update with one on-policy epoch, so the
+ratio is 1 and the clipped surrogate's gradient is exactly REINFORCE's (TRL and verl feed the same
+A_i into the clipped surrogate). A sequence sum weights long responses more than a token mean does
+(Adam makes the overall scale of the loss largely irrelevant, but gradient clipping does see it);
+``aggregation="token_mean"`` gives the TRL/verl variant.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from algos import core
+from algos.actor import ActorSettings, actor_update, batch_logprobs
+from algos.policy import batch_sequences
+from algos.rollout import collect_episodes, episode_metrics
+from algos.sampling import SamplingParams
+from algos.trainer import TrainContext, make_optimizer
+
+
+@dataclass
+class RLOOConfig:
+    """RLOO hyperparameters. The paper studies k ∈ {2, 4} (larger is better) in RLHF; the VinePPO
+    repository has no RLOO config, so the batch follows VinePPO's (64 prompts × k = 8, T 0.6,
+    top_p 0.9, 1024 tokens, lr 1e-6); `cpu_tiny` is the small CPU setting."""
+
+    prompts_per_iteration: int = 64
+    """Distinct problems per iteration."""
+    samples_per_prompt: int = 8
+    """k: responses per problem (>= 2)."""
+    temperature: float = 0.6
+    """Sampling temperature; training log-probs use it too."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 1024
+    """Response budget in tokens."""
+    kl_coef: float = 0.0
+    """β of the k1 KL penalty folded into the sequence reward (0: the plain verifier score)."""
+    aggregation: core.AggregationMode = "seq_mean_token_sum"
+    """seq_mean_token_sum: REINFORCE on sequence log-probs (paper); token_mean: TRL/verl."""
+    epochs: int = 1
+    """Passes over each iteration's responses (1 = on-policy REINFORCE)."""
+    minibatch_size: int = 512
+    """Responses per optimiser step (the whole batch by default: one on-policy step)."""
+    micro_batch_size: int = 8
+    """Responses per forward/backward pass."""
+    learning_rate: float = 1e-6
+    """AdamW learning rate (peak)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimiser steps in linear warm-up, then linear decay to 0."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    clip_eps: float = 0.2
+    """PPO clip ε, active only when epochs > 1 or there are several mini-batches (off-policy steps)."""
+
+    def __post_init__(self) -> None:
+        positive = ("prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size", "micro_batch_size",
+                    "learning_rate", "temperature", "grad_clip", "clip_eps")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt: RLOO needs k >= 2 for a leave-one-out baseline, got {self.samples_per_prompt}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        for name in ("kl_coef", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
+        if self.aggregation not in core.AggregationMode.__args__:
+            raise ValueError(f"aggregation: expected one of {core.AggregationMode.__args__}, got {self.aggregation!r}")
+
+    @classmethod
+    def cpu_tiny(cls) -> "RLOOConfig":
+        """Small setting for the offline tiny model on a 2-core CPU (not a paper's)."""
+        return cls(prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=200, minibatch_size=32,
+                   micro_batch_size=16, learning_rate=1e-6)
+
+    def sampling(self, n: int, stop_strings: tuple[str, ...]) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, n)
+
+    def steps_per_iteration(self) -> int:
+        return self.epochs * -(-self.prompts_per_iteration * self.samples_per_prompt // self.minibatch_size)
+
+
+def sequence_kl_k1(policy, reference, episodes, temperature: float, pad_token_id: int, micro: int = 16) -> torch.Tensor:
+    """Σ_t k1_t = Σ_t [log π(y_t) − log π_ref(y_t)] per episode, shape (N,), nats, no gradient."""
+    batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
+    mask = batch["response_mask"].float()
+    logp = batch_logprobs(policy, batch, temperature, micro)
+    ref = batch_logprobs(reference, batch, temperature, micro)
+    return core.masked_sum(core.kl_estimate(logp, ref, "k1"), mask, dim=1)
+
+
+class RLOO:
+    """REINFORCE Leave-One-Out."""
+
+    name = "rloo"
+
+    def __init__(self, config: RLOOConfig, ctx: TrainContext, total_iterations: int) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.optimizer, self.scheduler = make_optimizer(
+            ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio,
+            total_steps=config.steps_per_iteration() * total_iterations,
+        )
+        self.settings = ActorSettings(
+            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
+            clip_eps=config.clip_eps, kl_coef=0.0, temperature=config.temperature, grad_clip=config.grad_clip,
+            whiten_advantages=False, pg_aggregation=config.aggregation,
+        )
+
+    def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
+        cfg, ctx = self.config, self.ctx
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        k = cfg.samples_per_prompt
+        episodes = collect_episodes(ctx.env, ctx.sampler, problems, cfg.sampling(k, ctx.task.stop_strings),
+                                    seed=ctx.seed_for(iteration, "episodes"), timings=timings)
+        t1 = time.perf_counter()
+        scores = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
+        kl = torch.zeros_like(scores)
+        if cfg.kl_coef > 0:
+            kl = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.temperature, ctx.pad_token_id,
+                                cfg.micro_batch_size)
+        rewards = (scores - cfg.kl_coef * kl).view(len(problems), k)
+        advantages = core.leave_one_out_advantages(rewards).flatten().tolist()
+        per_token = [[a] * len(e.response_ids) for a, e in zip(advantages, episodes)]
+        update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,
+                              self.settings, ctx.pad_token_id, ctx.generator)
+        ctx.sampler.update_weights(ctx.policy)
+        t2 = time.perf_counter()
+        metrics = episode_metrics(episodes)
+        metrics.update({
+            "train/advantage_abs_mean": sum(abs(a) for a in advantages) / len(advantages),
+            "rloo/sequence_kl": float(kl.mean()),
+            "time/sampling": timings.get("generate", 0.0),
+            "time/grading": timings.get("env", 0.0),
+            "time/update": t2 - t1,
+            "time/iteration": t2 - t0,
+        })
+        metrics.update({f"update/{k}": v for k, v in update.items()})
+        metrics["update/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
