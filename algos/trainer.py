@@ -306,6 +306,8 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
             log({"iteration": done, **metrics, **totals, "time/elapsed": time.perf_counter() - start})
             if run.save_every and done % run.save_every == 0 and done < run.iterations:
                 _save(policy, tokenizer, out / "checkpoints" / f"iter-{done:06d}")
+                if hasattr(algorithm, "save"):
+                    algorithm.save(out / "checkpoints" / f"iter-{done:06d}")
                 for old in sorted((out / "checkpoints").glob("iter-*"))[: -run.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
     _save(policy, tokenizer, out / "final")

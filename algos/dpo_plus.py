@@ -1,0 +1,340 @@
+"""DPO-Positive (DPO+; Pal et al., "Smaug: Fixing Failure Modes of Preference Optimisation with
+DPO-Positive", arXiv 2402.13228) as the VinePPO paper's baseline.
+
+Loss per pair (chosen ``y_w`` correct, rejected ``y_l`` incorrect), on sequence log-probs summed
+over the response tokens (EOS included when the response finished)::
+
+    Δ_w = log π_θ(y_w|x) − log π_ref(y_w|x),   Δ_l likewise,
+    L   = −log σ( β · [ Δ_w − Δ_l − λ · max(0, −Δ_w) ] )          (`algos.core.dpo_positive_loss`)
+
+The λ term penalises the chosen response's likelihood falling below the reference's (DPO's failure
+mode when the two responses differ in a few tokens). λ = 0 is DPO.
+
+As in the VinePPO code (McGill-NLP/VinePPO ``episode_generators/math_dpo_positive_episode_generator.py``,
+``trainers/dpo_positive_trainer.py``, ``configs/polIter_*_dpo_positive_*.jsonnet``):
+
+- 64 solutions per training problem sampled from the **SFT (reference) model** at T 0.6, top_p 0.9;
+- a response is correct if its reward is ≥ 0.5; problems with no correct or no incorrect response
+  are skipped; every correct×incorrect pair is a candidate and at most 64 per problem are drawn at
+  random without replacement;
+- 3 epochs over the pairs, 64 pairs per optimiser step, AdamW lr 1e-6, 3% linear warm-up then
+  linear decay to 0, grad clip 1; training log-probs use logits / 0.6 (the sampling temperature),
+  for π_θ and π_ref alike; β = 0.3 (GSM8K) or 0.1 (MATH), λ = 50; label smoothing 0 (not offered).
+
+**Mapping onto the trainer's per-iteration interface.** The paper's DPO+ is one offline round:
+sample the whole train set once from the SFT model, then train 3 epochs on all pairs. Here the
+trainer hands each iteration ``prompts_per_iteration`` problems (the train split reshuffled per
+iteration). With the default ``sample_from="reference"``, every iteration samples *its* problems
+from the frozen reference (SFT) model through a second `HFSampler` over ``ctx.reference``, builds
+the pairs and trains ``epochs`` passes over them; the data distribution is therefore exactly the
+paper's (SFT samples), only cut into per-iteration chunks. To reproduce the paper's single round
+literally, run one iteration with ``prompts_per_iteration`` ≥ the train-split size. The learning
+rate follows one warm-up/decay schedule over the whole run: optimiser step k of S in iteration i
+of I is at progress ``(i + k/S) / I`` (`warmup_decay_lr`); with one iteration this is exactly the
+paper's per-step schedule, and it needs no advance knowledge of how many pairs later iterations
+will yield.
+
+``sample_from="policy"`` makes it iterative/online DPO+: each iteration's pairs are sampled from
+the current policy (``ctx.sampler``); ``refresh_reference=True`` additionally resets π_ref to the
+current policy at the start of each iteration (each round is then DPO+ against the previous
+round's model). The number of rounds is the run's ``iterations``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from algos import core
+from algos.policy import batch_sequences, response_logprobs
+from algos.rollout import Episode, collect_episodes, episode_metrics
+from algos.sampling import HFSampler, Sampler, SamplingParams
+from algos.trainer import TrainContext
+
+
+@dataclass
+class DPOPlusConfig:
+    """DPO+ hyperparameters. Defaults are the VinePPO paper's (McGill-NLP/VinePPO configs
+    ``polIter_*_dpo_positive_GSM8K``); `cpu_tiny` is a small CPU setting for the offline tiny model."""
+
+    prompts_per_iteration: int = 64
+    """Problems per iteration (the paper samples the whole train set in one round: set this to at
+    least the train-split size and run one iteration to reproduce that literally)."""
+    samples_per_prompt: int = 64
+    """Solutions sampled per problem (paper: 64)."""
+    temperature: float = 0.6
+    """Sampling temperature; training log-probs divide the logits by it too."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 1024
+    """Response budget in tokens; longer responses are truncated and score 0."""
+    beta: float = 0.3
+    """β of the DPO+ loss: 0.3 for GSM8K, 0.1 for MATH in the paper's configs."""
+    lam: float = 50.0
+    """λ of the DPO+ positive penalty, inside the β bracket (0 gives plain DPO)."""
+    reward_threshold: float = 0.5
+    """A response with reward ≥ this is correct (chosen); below it, incorrect (rejected)."""
+    max_pairs_per_problem: int | None = 64
+    """Most (correct, incorrect) pairs per problem, drawn at random without replacement from all
+    of them; None keeps every pair."""
+    epochs: int = 3
+    """Passes over each iteration's pairs."""
+    batch_size: int = 64
+    """Pairs per optimiser step."""
+    micro_batch_size: int = 8
+    """Pairs per forward/backward pass (gradient accumulation within a batch)."""
+    learning_rate: float = 1e-6
+    """AdamW peak learning rate, after the warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of the run spent in linear warm-up; then linear decay to 0 (`warmup_decay_lr`)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    sample_from: Literal["reference", "policy"] = "reference"
+    """'reference': pairs are sampled from the frozen starting (SFT) model, offline as in the
+    paper; 'policy': from the current policy each iteration (iterative/online DPO+)."""
+    refresh_reference: bool = False
+    """With sample_from='policy': set π_ref to the current policy at the start of each iteration."""
+
+    def __post_init__(self) -> None:
+        positive = ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs", "batch_size",
+                    "micro_batch_size", "learning_rate", "grad_clip", "beta", "temperature")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam: expected a finite value >= 0, got {self.lam}")
+        if not math.isfinite(self.reward_threshold):
+            raise ValueError(f"reward_threshold: expected a finite value, got {self.reward_threshold}")
+        if self.max_pairs_per_problem is not None and self.max_pairs_per_problem < 1:
+            raise ValueError(f"max_pairs_per_problem: expected an int >= 1 or None, got {self.max_pairs_per_problem}")
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size: expected <= batch_size={self.batch_size}, got {self.micro_batch_size}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio}")
+        if self.sample_from not in ("reference", "policy"):
+            raise ValueError(f"sample_from: expected 'reference' or 'policy', got {self.sample_from!r}")
+        if self.refresh_reference and self.sample_from != "policy":
+            raise ValueError("refresh_reference: only meaningful with sample_from='policy' "
+                             f"(got sample_from={self.sample_from!r})")
+
+    @classmethod
+    def cpu_tiny(cls) -> "DPOPlusConfig":
+        """Small setting for the offline tiny model on a 2-core CPU (not the paper's)."""
+        return cls(prompts_per_iteration=8, samples_per_prompt=8, max_new_tokens=200, max_pairs_per_problem=16,
+                   batch_size=16, micro_batch_size=8, learning_rate=1e-5)
+
+    def sampling(self, stop_strings: tuple[str, ...]) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, self.samples_per_prompt)
+
+
+def build_pairs(episodes: Sequence[Episode], reward_threshold: float, max_pairs_per_problem: int | None,
+                seed: int) -> list[tuple[int, int]]:
+    """Preference pairs ``(chosen, rejected)`` as indices into ``episodes``.
+
+    Episodes are grouped by problem id (in order of first appearance). Within a problem, every
+    response with reward ≥ ``reward_threshold`` is paired with every response below it; when there
+    are more than ``max_pairs_per_problem`` such pairs, that many are drawn uniformly without
+    replacement (one numpy generator seeded with ``seed``, used problem by problem; the drawn pairs
+    are kept in candidate order). Problems with no correct or no incorrect response, and empty
+    responses, contribute nothing (McGill-NLP/VinePPO math_dpo_positive_episode_generator.py).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(episodes):
+        if len(e.response_ids) > 0:
+            groups.setdefault(e.state.problem.id, []).append(i)
+    rng = np.random.default_rng(seed)
+    pairs: list[tuple[int, int]] = []
+    for members in groups.values():
+        correct = [i for i in members if episodes[i].reward >= reward_threshold]
+        wrong = [i for i in members if episodes[i].reward < reward_threshold]
+        candidates = [(c, w) for c in correct for w in wrong]
+        if max_pairs_per_problem is not None and len(candidates) > max_pairs_per_problem:
+            keep = np.sort(rng.choice(len(candidates), size=max_pairs_per_problem, replace=False))
+            candidates = [candidates[k] for k in keep]
+        pairs.extend(candidates)
+    return pairs
+
+
+def warmup_decay_lr(peak: float, warmup_ratio: float, progress: float) -> float:
+    """Linear warm-up from 0 over the first ``warmup_ratio`` of training, then linear decay to 0
+    at progress 1 (``progress`` in [0, 1], clamped). At step k of N (progress k/N) this equals
+    `transformers.get_linear_schedule_with_warmup` whenever ``warmup_ratio · N`` is an integer."""
+    p = min(max(progress, 0.0), 1.0)
+    if p < warmup_ratio:
+        return peak * p / warmup_ratio
+    return peak * max(0.0, (1.0 - p) / (1.0 - warmup_ratio))
+
+
+def sequence_logprobs(model, episodes: Sequence[Episode], temperature: float, pad_token_id: int) -> torch.Tensor:
+    """(B,) log π(response | prompt) of each episode: the sum of its response tokens' log-probs
+    (EOS included when present) under softmax(logits / temperature). Differentiable."""
+    batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
+    return response_logprobs(model, batch, temperature).float().sum(dim=-1)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class DPOPlus:
+    """DPO+ on correct/incorrect pairs of sampled solutions (see the module docstring).
+
+    Args:
+        config: hyperparameters.
+        ctx: the trainer's context; ``ctx.policy`` is trained, ``ctx.reference`` is π_ref.
+        total_iterations: iterations in the run (for the learning-rate schedule).
+        reference_sampler: sampler over ``ctx.reference`` used when ``sample_from='reference'``;
+            default: an `HFSampler` over ``ctx.reference`` with ``ctx.sampler``'s batch size and
+            context limit (as the trainer builds its own sampler).
+    """
+
+    name = "dpo_plus"
+
+    def __init__(self, config: DPOPlusConfig, ctx: TrainContext, total_iterations: int,
+                 reference_sampler: Sampler | None = None) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.total_iterations = max(int(total_iterations), 1)
+        self.optimizer = torch.optim.AdamW(ctx.policy.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
+                                           eps=1e-8, weight_decay=config.weight_decay)
+        self._reference_sampler = reference_sampler
+
+    @property
+    def reference_sampler(self) -> Sampler:
+        """The sampler over the frozen reference (built on first use)."""
+        if self._reference_sampler is None:
+            ctx = self.ctx
+            self._reference_sampler = HFSampler(
+                ctx.reference, ctx.tokenizer, max_batch_size=getattr(ctx.sampler, "max_batch_size", 64),
+                max_context=getattr(ctx.sampler, "max_context", None),
+            )
+        return self._reference_sampler
+
+    def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
+        cfg, ctx = self.config, self.ctx
+        t0 = time.perf_counter()
+        if cfg.refresh_reference:
+            ctx.reference.load_state_dict(ctx.policy.state_dict())
+        sampler = self.reference_sampler if cfg.sample_from == "reference" else ctx.sampler
+        timings: dict[str, float] = {}
+        episodes = collect_episodes(ctx.env, sampler, problems, cfg.sampling(ctx.task.stop_strings),
+                                    seed=ctx.seed_for(iteration, "episodes"), timings=timings)
+        pairs = build_pairs(episodes, cfg.reward_threshold, cfg.max_pairs_per_problem,
+                            seed=ctx.seed_for(iteration, "pairs"))
+        t1 = time.perf_counter()
+        ref_seq = self._reference_logprobs(episodes, pairs)
+        t2 = time.perf_counter()
+        update = self._update(episodes, pairs, ref_seq, iteration)
+        if update["optimizer_steps"] > 0:
+            ctx.sampler.update_weights(ctx.policy)
+        t3 = time.perf_counter()
+
+        metrics = episode_metrics(episodes)
+        metrics.update({
+            "dpo/pairs": float(len(pairs)),
+            "dpo/problems_with_pairs": float(len({episodes[c].state.problem.id for c, _ in pairs})),
+            "time/sampling": timings.get("generate", 0.0),
+            "time/grading": timings.get("env", 0.0),
+            "time/reference_logprobs": t2 - t1,
+            "time/update": t3 - t2,
+            "time/iteration": t3 - t0,
+        })
+        for key in ("reward_accuracy", "margin", "chosen_logratio", "rejected_logratio", "positive_penalty",
+                    "penalty_active"):
+            metrics[f"dpo/{key}"] = update.pop(key)
+        metrics.update({f"update/{k}": v for k, v in update.items()})
+        return metrics
+
+    @torch.no_grad()
+    def _reference_logprobs(self, episodes: Sequence[Episode], pairs: list[tuple[int, int]]) -> dict[int, float]:
+        """log π_ref(response) of every episode used by a pair, computed once per iteration."""
+        cfg, ctx = self.config, self.ctx
+        used = sorted({i for pair in pairs for i in pair})
+        out: dict[int, float] = {}
+        for part in _chunks(used, 2 * cfg.micro_batch_size):
+            values = sequence_logprobs(ctx.reference, [episodes[i] for i in part], cfg.temperature, ctx.pad_token_id)
+            out.update(zip(part, values.tolist()))
+        return out
+
+    def _update(self, episodes: Sequence[Episode], pairs: list[tuple[int, int]], ref_seq: dict[int, float],
+                iteration: int) -> dict[str, float]:
+        """``epochs`` shuffled passes over the pairs, one optimiser step per ``batch_size`` pairs.
+
+        Returns means over every pair visit (measured in the forward pass before that step's
+        update) of the loss and the DPO statistics, the mean pre-clip gradient norm, the number of
+        optimiser steps and of batches skipped for a non-finite loss or gradient, and the last
+        learning rate used.
+        """
+        cfg, ctx = self.config, self.ctx
+        policy = ctx.policy
+        nan = float("nan")
+        stats = {k: 0.0 for k in ("loss", "reward_accuracy", "margin", "chosen_logratio", "rejected_logratio",
+                                  "positive_penalty", "penalty_active")}
+        visits, grad_norms, nonfinite = 0, [], 0
+        steps_per_epoch = -(-len(pairs) // cfg.batch_size)
+        total = cfg.epochs * steps_per_epoch
+        lr = warmup_decay_lr(cfg.learning_rate, cfg.warmup_ratio, iteration / self.total_iterations)
+        step = 0
+        if pairs:
+            policy.train()
+            for _ in range(cfg.epochs):
+                order = torch.randperm(len(pairs), generator=ctx.generator).tolist()
+                for batch_rows in _chunks(order, cfg.batch_size):
+                    lr = warmup_decay_lr(cfg.learning_rate, cfg.warmup_ratio,
+                                         (iteration + step / total) / self.total_iterations)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    step += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    sums = {k: 0.0 for k in stats}
+                    for micro in _chunks(batch_rows, cfg.micro_batch_size):
+                        micro_pairs = [pairs[r] for r in micro]
+                        unique = sorted({i for pair in micro_pairs for i in pair})
+                        where = {i: j for j, i in enumerate(unique)}
+                        seq = sequence_logprobs(policy, [episodes[i] for i in unique], cfg.temperature,
+                                                ctx.pad_token_id)
+                        chosen = seq[[where[c] for c, _ in micro_pairs]]
+                        rejected = seq[[where[r] for _, r in micro_pairs]]
+                        ref_c = chosen.new_tensor([ref_seq[c] for c, _ in micro_pairs])
+                        ref_r = chosen.new_tensor([ref_seq[r] for _, r in micro_pairs])
+                        loss, margin = core.dpo_positive_loss(chosen, rejected, ref_c, ref_r, cfg.beta, cfg.lam)
+                        (loss.sum() / len(batch_rows)).backward()
+                        with torch.no_grad():
+                            delta_w, delta_l = chosen - ref_c, rejected - ref_r
+                            sums["loss"] += loss.sum().item()
+                            sums["reward_accuracy"] += (margin > 0).float().sum().item()
+                            sums["margin"] += margin.sum().item()
+                            sums["chosen_logratio"] += delta_w.sum().item()
+                            sums["rejected_logratio"] += delta_l.sum().item()
+                            sums["positive_penalty"] += torch.clamp(-delta_w, min=0).sum().item()
+                            sums["penalty_active"] += (delta_w < 0).float().sum().item()
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+                    if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        nonfinite += 1
+                        continue
+                    self.optimizer.step()
+                    grad_norms.append(grad_norm)
+                    visits += len(batch_rows)
+                    for k, v in sums.items():
+                        stats[k] += v
+            self.optimizer.zero_grad(set_to_none=True)
+            policy.eval()
+        out = {k: (v / visits if visits else nan) for k, v in stats.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else nan
+        out["optimizer_steps"] = float(len(grad_norms))
+        out["nonfinite_minibatches"] = float(nonfinite)
+        out["lr"] = lr
+        return out

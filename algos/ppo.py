@@ -1,0 +1,486 @@
+"""PPO with a learned critic: the baseline of the VinePPO paper (Kazemnejad et al., arXiv 2410.01679).
+
+Standard PPO for LLMs (Schulman et al. 2017, "Proximal Policy Optimization Algorithms") with GAE
+(Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation"),
+set up as in McGill-NLP/VinePPO ``trainers/ppo_trainer.py`` and the ``polIter_*_ppo_*`` configs:
+
+- **Critic.** A copy of the SFT policy's transformer backbone plus a new linear head H → 1 with
+  weight ~ N(0, std = 1/√(H+1)) and bias 0 (``models/pretrained_with_value_head.py``). It has its
+  own AdamW with the actor's settings (lr 1e-6, 3% warm-up then linear decay), stepped alongside
+  the actor. ``V(s_t)``, the value of the state before response token t, is the head's output at
+  position t − 1 of the full sequence; the value after the last token is 0.
+- **Reward.** Per token, 0 except the last response token, which gets the outcome R ∈ {0, 1}. The
+  KL to the reference is a k3 term in the actor's loss (β = 1e-4), not in the reward.
+- **GAE** (`algos.core.gae`), with the configs' γ = λ = 1 (the base trainer file's λ = 0.96 is
+  overridden by ``lam1.jsonnet``)::
+
+      δ_t = r_t + γ V(s_{t+1}) − V(s_t),   A_t = Σ_l (γλ)^l δ_{t+l},   G_t = A_t + V(s_t)
+
+  so with γ = λ = 1, ``A_t = R − V(s_t)`` and ``G_t = R``. Returns are taken before the
+  advantages are whitened (per mini-batch, inside the actor update).
+- **Actor loss** (`algos.actor.actor_update`, shared with VinePPO): ``token_mean(ℓ_t) + β ·
+  mean_seqs(Σ_t clamp(k3_t, 0, 10))`` with ``ℓ_t = −min(ρ_t A_t, clip(ρ_t, 1 ± ε) A_t)``, ε = 0.2.
+- **Critic loss** (`algos.core.clipped_value_loss`)::
+
+      L_V = ½ · token_mean( max((V − G)², (clip(V, V_old ± 0.2) − G)²) )
+
+  over the same epochs (2) and mini-batches (64 episodes) as the actor.
+
+Differences from the paper's code, none of which changes the maths:
+
+- The paper's trainer interleaves one actor step and one critic step per mini-batch; here the
+  actor's whole update runs first, then the critic's, over the *same* mini-batches (the critic
+  replays the shuffle RNG's state). The two networks share no parameters and their targets
+  (advantages, returns, ``V_old``) are fixed at the start of the iteration, so the result is the same.
+- GAE is computed once per iteration over all episodes instead of inside each training step;
+  per-episode, it gives the same numbers.
+- The paper's ``vf_coef`` (0.1) is dropped: with a separate critic optimiser it is never read.
+- A mini-batch whose critic loss or gradient norm is not finite is skipped and counted (as in
+  `actor_update`); the paper relies on DeepSpeed's overflow check instead.
+- The head is kept in the policy's dtype (the paper casts the hidden state to the head's dtype,
+  which under bf16 DeepSpeed is also bf16); values are returned in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import AutoModel
+
+from algos import core
+from algos.actor import ActorSettings, actor_update
+from algos.policy import batch_sequences
+from algos.rollout import collect_episodes, episode_metrics
+from algos.sampling import SamplingParams
+from algos.trainer import TrainContext, make_optimizer
+
+__all__ = ["PPO", "CriticSettings", "PPOConfig", "ValueModel", "compute_values", "critic_update", "explained_variance",
+           "terminal_rewards"]
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters. Defaults are the paper's (McGill-NLP/VinePPO configs
+    ``polIter_rho1bSft2_ppo_{MATH,GSM8K}``); `cpu_tiny` is the small CPU setting of the offline
+    default model."""
+
+    prompts_per_iteration: int = 64
+    """Distinct problems sampled per iteration."""
+    samples_per_prompt: int = 8
+    """Trajectories per problem."""
+    temperature: float = 0.6
+    """Sampling temperature; training log-probs use it too."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 1024
+    """Response budget in tokens; longer responses are truncated and score 0."""
+    epochs: int = 2
+    """PPO epochs over each iteration's episodes (actor and critic)."""
+    minibatch_size: int = 64
+    """Episodes per optimiser step (actor and critic)."""
+    micro_batch_size: int = 8
+    """Episodes per forward/backward pass (gradient accumulation within a mini-batch); also the
+    batch size of the critic's value pass."""
+    learning_rate: float = 1e-6
+    """Actor AdamW learning rate (peak, after warm-up)."""
+    critic_learning_rate: float = 1e-6
+    """Critic AdamW learning rate (peak, after warm-up); same schedule as the actor's."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (actor and critic)."""
+    warmup_ratio: float = 0.03
+    """Fraction of all optimiser steps spent in linear warm-up; then linear decay to 0."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (actor and critic, each over its own parameters)."""
+    clip_eps: float = 0.2
+    """PPO clip range ε of the actor's surrogate."""
+    value_clip: float = 0.2
+    """Clip range of the critic's value loss: V is clipped to V_old ± this."""
+    gamma: float = 1.0
+    """GAE discount γ."""
+    lam: float = 1.0
+    """GAE λ (the paper's PPO configs set 1; the base trainer file says 0.96)."""
+    kl_coef: float = 1e-4
+    """β of the k3 KL-to-reference term in the actor's loss (fixed, no adaptive controller)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over each mini-batch's response tokens (returns are not whitened)."""
+
+    def __post_init__(self) -> None:
+        positive = ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs", "minibatch_size",
+                    "micro_batch_size", "learning_rate", "critic_learning_rate", "grad_clip", "clip_eps",
+                    "value_clip", "temperature")
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name}: expected > 0, got {value}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name}: expected in [0, 1], got {value}")
+        for name in ("kl_coef", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name}: expected >= 0, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
+
+    @classmethod
+    def cpu_tiny(cls) -> PPOConfig:
+        """Small setting for the offline tiny model on a 2-core CPU (not the paper's); the same
+        sizes as `VinePPOConfig.cpu_tiny`."""
+        return cls(prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=200, minibatch_size=16,
+                   micro_batch_size=16, learning_rate=1e-5, critic_learning_rate=1e-5)
+
+    def sampling(self, n: int, stop_strings: tuple[str, ...]) -> SamplingParams:
+        """The trajectory sampler's settings with ``n`` samples per prompt."""
+        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, n)
+
+    def steps_per_iteration(self) -> int:
+        """Optimiser steps per iteration (the same for actor and critic)."""
+        episodes = self.prompts_per_iteration * self.samples_per_prompt
+        return self.epochs * -(-episodes // self.minibatch_size)
+
+
+class ValueModel(torch.nn.Module):
+    """The critic: a transformer backbone (no LM head) and a linear value head H → 1.
+
+    Build it from a policy with `from_policy` (a deep copy of the policy's backbone, so it starts
+    from the SFT weights), or reload one written by `save_pretrained` with `from_pretrained`.
+
+    Attributes:
+        backbone: the decoder stack (e.g. ``LlamaModel``) returning ``last_hidden_state``.
+        head: ``Linear(hidden_size, 1)``.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """Args:
+            backbone: the transformer body; it must have ``config.hidden_size``.
+            head: an existing head (e.g. loaded); None creates one with weight ~ N(0, 1/√(H+1))
+                and bias 0, drawn from ``generator`` (torch's global RNG if None).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        param = next(backbone.parameters())
+        if head is None:
+            hidden = int(self.config.hidden_size)
+            head = torch.nn.Linear(hidden, 1, bias=True)
+            with torch.no_grad():
+                head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1), generator=generator)
+                head.bias.zero_()
+        self.head = head.to(device=param.device, dtype=param.dtype)
+
+    @classmethod
+    def from_policy(cls, policy, generator: torch.Generator | None = None) -> ValueModel:
+        """A critic whose backbone is a deep copy of ``policy``'s (``get_decoder()``, e.g. the
+        ``LlamaModel`` of a ``LlamaForCausalLM``), on the policy's device and dtype, trainable."""
+        decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else policy.base_model
+        if decoder is policy:
+            raise ValueError(f"could not find the backbone of {type(policy).__name__}: get_decoder() returned the model")
+        critic = cls(copy.deepcopy(decoder), generator=generator)
+        critic.requires_grad_(True)
+        critic.train(policy.training)
+        return critic
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The head's output at every position: ``values[b, p]`` is the value of the state made of
+        tokens ``0..p`` (it has read token p).
+
+        Args:
+            input_ids, attention_mask: (B, T), left or right padded (positions follow the mask).
+        Returns:
+            (B, T) float32; padding positions hold meaningless numbers (mask them).
+        """
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def response_values(self, batch: dict[str, Tensor]) -> Tensor:
+        """V(s_t) for every response token t of a `batch_sequences` batch: the value of the state
+        *before* token t, read at position t − 1 (the same alignment as `response_logprobs`, whose
+        log-prob at position t is predicted from position t − 1).
+
+        Returns:
+            (B, L) float32 on the critic's device, 0 outside ``response_mask``.
+        """
+        values = self(batch["input_ids"], batch["attention_mask"])
+        shifted = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+        return shifted * batch["response_mask"].to(shifted.device)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the backbone in Hugging Face format (``config.json`` + weights) and the head as
+        ``value_head.safetensors`` into the directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(path)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str = "auto",
+                        device: str | torch.device = "cpu") -> ValueModel:
+        """Load a critic written by `save_pretrained` (local directory only, no hub lookup).
+
+        Raises:
+            FileNotFoundError: ``path`` has no ``value_head.safetensors``.
+        """
+        path = Path(path)
+        head_file = path / VALUE_HEAD_FILE
+        if not head_file.is_file():
+            raise FileNotFoundError(f"no {VALUE_HEAD_FILE} in {path}; expected a directory written by ValueModel.save_pretrained")
+        backbone = AutoModel.from_pretrained(str(path), dtype=dtype, local_files_only=True).to(device)
+        state = load_file(str(head_file))
+        head = torch.nn.Linear(state["weight"].shape[1], 1, bias=True)
+        head.load_state_dict(state)
+        return cls(backbone, head=head)
+
+
+def terminal_rewards(batch: dict[str, Tensor], rewards: Sequence[float]) -> Tensor:
+    """Per-token rewards: 0 everywhere except each response's last token, which gets its R.
+
+    Args:
+        batch: a right-padded `batch_sequences` batch of B episodes.
+        rewards: B outcome rewards.
+    Returns:
+        (B, L) float32; an empty response gets no reward (it has no token).
+    """
+    mask = batch["response_mask"]
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, r in enumerate(rewards):
+        n = int(batch["response_lengths"][i])
+        if n > 0:
+            out[i, int(batch["prompt_lengths"][i]) + n - 1] = float(r)
+    return out
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 − Var(G − V) / Var(G)`` over the masked tokens (1 is perfect, 0 no better than a
+    constant, < 0 worse). Returns 0.0 when Var(G) = 0 (e.g. every reward equal), where it is
+    undefined."""
+    m = mask.bool()
+    g, v = returns[m].double(), values[m].double()
+    if g.numel() < 2:
+        return 0.0
+    var_g = float(g.var())
+    if var_g <= 1e-12:
+        return 0.0
+    return 1.0 - float((g - v).var()) / var_g
+
+
+@dataclass(frozen=True)
+class CriticSettings:
+    """Settings of the critic update (from `PPOConfig`)."""
+
+    epochs: int
+    minibatch_size: int
+    micro_batch_size: int
+    value_clip: float
+    grad_clip: float
+
+
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def _rows(batch: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
+    """Rows of a right-padded batch, trimmed to the longest selected sequence."""
+    sub = {k: v[rows] for k, v in batch.items() if v.dim() == 2}
+    width = max(int(sub["attention_mask"].sum(1).max()), 1)
+    return {k: v[:, :width] for k, v in sub.items()}
+
+
+@torch.no_grad()
+def compute_values(critic: ValueModel, batch: dict[str, Tensor], micro_batch_size: int) -> Tensor:
+    """V(s_t) for every response token of a right-padded batch, micro-batched, without gradient.
+
+    Returns:
+        (B, L) float32 on the CPU, 0 outside ``response_mask``.
+    """
+    was_training = critic.training
+    critic.eval()
+    out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+    for part in _chunks(list(range(batch["input_ids"].shape[0])), micro_batch_size):
+        sub = _rows(batch, part)
+        out[part, : sub["input_ids"].shape[1]] = critic.response_values(sub).cpu()
+    critic.train(was_training)
+    return out
+
+
+def critic_update(
+    critic: ValueModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batch: dict[str, Tensor],
+    old_values: Tensor,
+    returns: Tensor,
+    settings: CriticSettings,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Fit the critic to the returns: ``epochs`` passes of shuffled mini-batches, each one optimiser
+    step on ``½ · token_mean(max((V − G)², (clip(V, V_old ± c) − G)²))``.
+
+    Args:
+        batch: a right-padded `batch_sequences` batch of the N episodes.
+        old_values, returns: (N, L) V_old(s_t) and G_t on the response tokens (0 elsewhere).
+        generator: RNG for the mini-batch shuffle (one ``randperm(N)`` per epoch, as `actor_update`).
+    Returns:
+        Means over optimiser steps of loss, clip_frac (fraction of tokens where the clipped term is
+        the larger) and grad_norm; the number of optimiser steps and of mini-batches skipped for a
+        non-finite loss or gradient norm.
+    """
+    data = dict(batch)
+    data["old_values"], data["returns"] = old_values.float(), returns.float()
+    stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "grad_norm": []}
+    nonfinite = 0
+    n = batch["input_ids"].shape[0]
+    critic.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=generator).tolist()
+        for mb_rows in _chunks(order, settings.minibatch_size):
+            mb = _rows(data, mb_rows)
+            n_tokens = max(float(mb["response_mask"].sum()), 1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = clip_sum = 0.0
+            for part in _chunks(list(range(len(mb_rows))), settings.micro_batch_size):
+                sub = {k: v[part] for k, v in mb.items()}
+                mask = sub["response_mask"].to(critic.device).float()
+                values = critic.response_values(sub)
+                old, ret = sub["old_values"].to(critic.device), sub["returns"].to(critic.device)
+                per_token = core.clipped_value_loss(values, old, ret, settings.value_clip)
+                loss = core.masked_sum(per_token, mask) / n_tokens
+                loss.backward()
+                loss_sum += loss.item()
+                with torch.no_grad():
+                    clipped = old + torch.clamp(values - old, -settings.value_clip, settings.value_clip)
+                    frac = ((clipped - ret) ** 2 > (values - ret) ** 2).float()
+                    clip_sum += core.masked_sum(frac, mask).item() / n_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), settings.grad_clip)
+            if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                continue
+            optimizer.step()
+            scheduler.step()
+            stats["loss"].append(loss_sum)
+            stats["clip_frac"].append(clip_sum)
+            stats["grad_norm"].append(float(grad_norm))
+    critic.eval()
+    out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
+    out["optimizer_steps"] = float(len(stats["loss"]))
+    out["nonfinite_minibatches"] = float(nonfinite)
+    return out
+
+
+class PPO:
+    """PPO with a learned critic (GAE advantages) and the shared PPO actor update."""
+
+    name = "ppo"
+
+    def __init__(self, config: PPOConfig, ctx: TrainContext, total_iterations: int) -> None:
+        self.config = config
+        self.ctx = ctx
+        total_steps = config.steps_per_iteration() * total_iterations
+        self.optimizer, self.scheduler = make_optimizer(
+            ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio, total_steps=total_steps,
+        )
+        head_rng = torch.Generator().manual_seed(ctx.seed_for(0, "critic_head"))
+        self.critic = ValueModel.from_policy(ctx.policy, generator=head_rng)
+        self.critic.eval()
+        self.critic_optimizer, self.critic_scheduler = make_optimizer(
+            self.critic, config.critic_learning_rate, config.weight_decay, config.warmup_ratio, total_steps=total_steps,
+        )
+        self.actor = ActorSettings(
+            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
+            clip_eps=config.clip_eps, kl_coef=config.kl_coef, temperature=config.temperature,
+            grad_clip=config.grad_clip, whiten_advantages=config.whiten_advantages,
+            pg_aggregation="token_mean", kl_aggregation="seq_mean_token_sum",
+        )
+        self.critic_settings = CriticSettings(
+            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
+            value_clip=config.value_clip, grad_clip=config.grad_clip,
+        )
+
+    def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
+        cfg, ctx = self.config, self.ctx
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        params = cfg.sampling(cfg.samples_per_prompt, ctx.task.stop_strings)
+        episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"),
+                                    timings=timings)
+        t1 = time.perf_counter()
+        batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], ctx.pad_token_id)
+        mask = batch["response_mask"].float()
+        old_values = compute_values(self.critic, batch, cfg.micro_batch_size)
+        t2 = time.perf_counter()
+        rewards = terminal_rewards(batch, [e.reward for e in episodes])
+        advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        per_episode = [advantages[i][batch["response_mask"][i]].tolist() for i in range(len(episodes))]
+        t3 = time.perf_counter()
+        # the critic replays the actor's shuffle, so both train on the same mini-batches
+        shuffle_state = ctx.generator.get_state()
+        update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_episode,
+                              self.actor, ctx.pad_token_id, ctx.generator)
+        critic_rng = torch.Generator()
+        critic_rng.set_state(shuffle_state)
+        value_update = critic_update(self.critic, self.critic_optimizer, self.critic_scheduler, batch, old_values,
+                                     returns, self.critic_settings, critic_rng)
+        ctx.sampler.update_weights(ctx.policy)
+        t4 = time.perf_counter()
+
+        n_tokens = max(float(mask.sum()), 1.0)
+        metrics = episode_metrics(episodes)
+        metrics.update({
+            "train/advantage_mean": float(core.masked_sum(advantages, mask)) / n_tokens,
+            "train/return_mean": float(core.masked_sum(returns, mask)) / n_tokens,
+            "value/mean": float(core.masked_sum(old_values, mask)) / n_tokens,
+            "value/explained_variance": explained_variance(old_values, returns, mask),
+            "value/loss": value_update["loss"],
+            "value/clip_frac": value_update["clip_frac"],
+            "value/grad_norm": value_update["grad_norm"],
+            "value/optimizer_steps": value_update["optimizer_steps"],
+            "value/nonfinite_minibatches": value_update["nonfinite_minibatches"],
+            "value/lr": self.critic_scheduler.get_last_lr()[0],
+            "time/sampling": timings.get("generate", 0.0),
+            "time/grading": timings.get("env", 0.0),
+            "time/values": t2 - t1,
+            "time/advantages": t3 - t2,
+            "time/update": t4 - t3,
+            "time/iteration": t4 - t0,
+        })
+        metrics.update({f"update/{k}": v for k, v in update.items()})
+        metrics["update/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def save(self, path: Path) -> None:
+        """Write the critic under ``path / "value_model"`` (see `ValueModel.save_pretrained`),
+        through a temporary directory renamed into place."""
+        target = Path(path) / "value_model"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.critic.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)

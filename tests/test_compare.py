@@ -1,0 +1,81 @@
+"""experiments/compare.py: flags, skipping finished runs, the summary table and plots, one real run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiments import compare  # noqa: E402
+
+
+def _fake_run(run_dir: Path, accs: list[float], steps_per_it: float, kl: float, wall: float) -> None:
+    run_dir.mkdir(parents=True)
+    rows = []
+    for i, acc in enumerate(accs):
+        rows.append({"iteration": i, "eval/accuracy": acc, "eval/accuracy_stderr": 0.01,
+                     "eval/accuracy_sampled": acc / 2, "eval/accuracy_sampled_stderr": 0.02, "eval/kl": kl * i,
+                     "total/optimizer_steps": steps_per_it * i, "total/tokens": 100.0 * i, "time/elapsed": 60.0 * i})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "summary.json").write_text(json.dumps({
+        "wall_time_s": wall, "total/optimizer_steps": steps_per_it * (len(accs) - 1),
+        "total/tokens": 100.0 * (len(accs) - 1)}))
+
+
+def test_summary_table_aggregates_seeds_and_writes_plots(tmp_path):
+    specs = [compare.RunSpec("grpo", "grpo", 0), compare.RunSpec("grpo", "grpo", 1), compare.RunSpec("ppo", "ppo", 0),
+             compare.RunSpec("rloo", "rloo", 0)]
+    _fake_run(tmp_path / "grpo-seed0", [0.40, 0.50, 0.60], 4, 0.01, 120)
+    _fake_run(tmp_path / "grpo-seed1", [0.40, 0.45, 0.40], 4, 0.03, 180)
+    _fake_run(tmp_path / "ppo-seed0", [0.40, 0.42], 8, 0.02, 60)
+    text = compare.summarize(specs, tmp_path, title="test")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| run")}
+    # grpo: final mean 0.5, across-seed standard error = std([0.6, 0.4]) / sqrt(2) = 0.1
+    assert rows["grpo"][:4] == ["2", "40.0 ± 0.0", "50.0 ± 10.0", "55.0 ± 5.0"]
+    assert rows["grpo"][5] == "8" and rows["grpo"][6] == "2.5"  # mean gradient steps, mean wall minutes
+    # one seed: the evaluation's own standard error
+    assert rows["ppo"][2] == "42.0 ± 1.0" and rows["ppo"][4] == "21.0 ± 2.0"
+    assert rows["rloo"][0] == "0"  # not run yet
+    for name in ("accuracy_vs_steps.png", "accuracy_vs_wallclock.png", "accuracy_vs_kl.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_finished_runs_are_skipped(tmp_path):
+    _fake_run(tmp_path / "grpo-seed0", [0.1, 0.2], 1, 0.0, 1)
+    status = compare.run_all([compare.RunSpec("grpo", "grpo", 0)], "gsm8k", "unused-model", 1, tmp_path)
+    assert status == {"grpo-seed0": "skipped"}
+
+
+def test_per_algorithm_flags_are_parsed_and_checked():
+    flags = compare.parse_flags(["grpo: --learning-rate 3e-5", "grpo: --epochs 2", "ppo:--kl-coef 0"], ["grpo", "ppo"])
+    assert flags == {"grpo": ("--learning-rate", "3e-5", "--epochs", "2"), "ppo": ("--kl-coef", "0")}
+    with pytest.raises(ValueError, match="ALGO one of"):
+        compare.parse_flags(["vineppo: --mc-rollouts 2"], ["grpo"])
+    with pytest.raises(ValueError, match="ALGO"):
+        compare.parse_flags(["--learning-rate 1"], ["grpo"])
+
+
+def test_unknown_algorithm_lists_the_valid_names(tmp_path):
+    with pytest.raises(SystemExit, match="valid: vineppo, ppo, grpo"):
+        compare.main(["--algos", "grpo", "trpo", "--out", str(tmp_path)])
+
+
+def test_a_real_comparison_runs_and_summarises(tmp_path, tokenizer, small_model):
+    model_dir = tmp_path / "model"
+    small_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "cmp"
+    text = compare.main([
+        "--algos", "grpo", "sft", "--model", str(model_dir), "--iterations", "1", "--out", str(out),
+        "--run-flags=--prompts-per-iteration 2 --max-new-tokens 16 --eval-problems 3",
+        "--flags", "grpo: --samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 4",
+    ])
+    assert (out / "grpo-seed0" / "summary.json").is_file() and (out / "sft-seed0" / "summary.json").is_file()
+    assert "| grpo | 1 |" in text and "| sft | 1 |" in text
+    config = json.loads((out / "grpo-seed0" / "config.json").read_text())
+    assert config["algo"]["samples_per_prompt"] == 2 and config["run"]["eval_problems"] == 3
