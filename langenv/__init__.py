@@ -1,7 +1,8 @@
 """langenv: a resettable-state Gymnasium language environment for RL on LLM reasoning.
 
-Importing the package registers the tasks ``gsm8k`` and ``math`` and the Gymnasium ids
-``langenv/GSM8K-v0`` and ``langenv/MATH-v0`` (bump the version when extraction or grading changes).
+Importing the package registers the tasks ``gsm8k``, ``math`` and ``arithmetic`` and the Gymnasium
+ids ``langenv/GSM8K-v0``, ``langenv/MATH-v0`` and ``langenv/Arithmetic-v0`` (bump the version when
+extraction, grading or, for arithmetic, problem generation changes).
 """
 
 import gymnasium as gym
@@ -15,6 +16,8 @@ __all__ = [
     "make_task", "register_task", "task_names", "transition",
 ]
 
-for _id, _task in (("langenv/GSM8K-v0", "gsm8k"), ("langenv/MATH-v0", "math")):
+for _id, _task in (
+    ("langenv/GSM8K-v0", "gsm8k"), ("langenv/MATH-v0", "math"), ("langenv/Arithmetic-v0", "arithmetic"),
+):
     if _id not in gym.registry:
         gym.register(id=_id, entry_point="langenv.env:LanguageEnv", kwargs={"task": _task})

@@ -35,3 +35,61 @@ def small_model(tokenizer):
 
     torch.manual_seed(0)
     return build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=2).eval()
+
+
+class GuessTask:
+    """A task where a lightly fine-tuned small model is right about half the time: the answer of
+    problem i is 1 or 2 by parity of i, which the question does not reveal. Every algorithm then
+    sees groups with both correct and incorrect responses (signal for the smoke runs)."""
+
+    name = "guess"
+    grading_kind = "gsm8k"
+
+    def __init__(self) -> None:
+        from langenv.tasks.base import VINEPPO_STOP
+
+        self.stop_strings = VINEPPO_STOP
+
+    def load(self, split: str):
+        from langenv.tasks.base import Problem
+
+        sizes = {"train": 64, "validation": 16, "test": 16}
+        if split not in sizes:
+            raise ValueError(f"unknown split {split!r}")
+        return [Problem(f"guess/{split}/{i}", f"Guess the number of item {i}.", f"So the answer is\n#### {1 + i % 2}",
+                        str(1 + i % 2)) for i in range(sizes[split])]
+
+    def prompt(self, problem):
+        from langenv.tasks.base import VINEPPO_PROMPT
+
+        return VINEPPO_PROMPT.format(problem=problem.question)
+
+    def target(self, problem):
+        return "\n" + problem.solution
+
+    def split_steps(self, response: str):
+        from langenv.steps import split_gsm8k
+
+        return split_gsm8k(response)
+
+
+@pytest.fixture(scope="session")
+def guess_model_dir(tmp_path_factory, tokenizer):
+    """A 2-layer Llama fine-tuned for a few steps on the guess task (registered as ``guess``),
+    saved with its tokenizer; greedy it answers one way, sampled it answers 1 or 2."""
+    from algos.sft import SFTConfig, train_sft
+    from algos.tiny import build_tiny_model
+    from langenv.tasks.base import register_task, _REGISTRY
+
+    if "guess" not in _REGISTRY:
+        register_task("guess", GuessTask)
+    task = GuessTask()
+    examples = [(task.prompt(p), task.target(p)) for p in task.load("train")]
+    torch.manual_seed(0)
+    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=2)
+    train_sft(model, tokenizer, examples, SFTConfig(learning_rate=1e-2, batch_size=16, max_steps=40, bf16_autocast=False,
+                                                    warmup_ratio=0.1), progress=False)
+    path = tmp_path_factory.mktemp("guess-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
