@@ -55,8 +55,16 @@ SETTINGS: dict[str, str] = {
 }
 RESTEM_ROUNDS = 2
 
-#: What was tried before settling on SETTINGS (filled in from the runs; see the issue notes).
-TRIED: list[str] = []
+#: What was tried (2026-11-22, 2-core CPU; results in experiments/bench/results/learning-arithmetic/).
+TRIED: list[str] = [
+    "SETTINGS as above, 10 iterations: every method ended below the SFT start on greedy accuracy "
+    "(33.3% -> VinePPO 28.8±1.0, PPO 29.9±0.8, GRPO 30.7±0.7 over 3 seeds; RLOO 30.7, DPO+ 29.8, "
+    "SFT control 25.8); sampled accuracy flat or down; RestEM kept the base model (no checkpoint beat it)",
+    "VinePPO at lr 5e-6 (otherwise the same, seed 0): greedy 33.3 -> 33.3, sampled 26.6 -> 26.9, KL 0.002: "
+    "no loss but no gain in 80 steps",
+    "warm start lr 2e-3 (800 steps): 7.7% greedy, the model never learned to copy the start number; lr 1e-3 "
+    "is the cached setup (33.3%)",
+]
 
 MULTI_SEED = ("vineppo", "ppo", "grpo")
 
