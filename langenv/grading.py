@@ -1,4 +1,4 @@
-"""Answer checking for GSM8K and MATH: extraction, equivalence, and a killable worker pool.
+r"""Answer checking for GSM8K and MATH: extraction, equivalence, and a killable worker pool.
 
 Pipeline (``shared/reference/graders.md`` §5): extract the final answer of the completion and of
 the reference with our own rules, normalise both, decide with strings and exact numbers where
@@ -68,13 +68,15 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import multiprocessing
 import os
 import re
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 from langenv import _grading_extract as X
 from langenv import _grading_text as T
@@ -275,31 +277,62 @@ def _mp_context():
     return multiprocessing.get_context("spawn")
 
 
+#: TEST HOOK (see `langenv._grading_worker.inject_fault`): set this environment variable to "1"
+#: before a `GradingPool` is constructed to let that pool's workers act on references that start
+#: with `FAULT_PREFIX` (hang, crash, exhaust memory, ...). Off by default; never set it in training.
+FAULT_INJECTION_ENV = "LANGENV_GRADING_FAULT_INJECTION"
+#: TEST HOOK: first line of a fault-injecting reference, ``__langenv_fault__:<fault>[:<pid file>]``,
+#: followed by a newline and the real reference (see `langenv._grading_worker.FAULTS`).
+FAULT_PREFIX = "__langenv_fault__:"
+
+
 class GradingPool:
     """Persistent pool of killable grading workers (pebble, forkserver/spawn context).
 
     Args:
         workers: worker processes (started lazily, on the first check that needs sympy).
-        timeout_s: wall-clock limit per check; an overrunning worker is killed and replaced.
-        memory_mb: RLIMIT_AS of each worker.
+        timeout_s: wall-clock limit per check (seconds); an overrunning worker is killed (pebble
+            stops the process) and replaced, and the check is Grade(0, "timeout").
+        memory_mb: RLIMIT_AS of each worker (MiB of address space). A check that hits it gets a
+            MemoryError, caught in the worker, and is Grade(0, "invalid"); a worker killed by it
+            (an allocation failing in C) is replaced and its check is "invalid" too.
 
     `grade_many` decides string/numeric checks in process (no IPC) and sends the rest to the
     workers. It never raises for model text: an overrun is Grade(0, "timeout"), a crashed or lost
-    worker Grade(0, "invalid"). Use as a context manager or call `close`. ``stats`` counts checks
-    decided in process ("fast"), sent to workers ("pool"), timeouts and crashes.
+    worker Grade(0, "invalid"). As a last line of defence against a wedged pool (which pebble's
+    per-check timeout should never allow), a call waits at most ``stall_deadline_s(n)`` seconds in
+    all; past that the remaining checks are "timeout" and the pool is restarted.
+    Use as a context manager or call `close`. ``stats`` counts checks decided in process ("fast"),
+    sent to workers ("pool"), timeouts, crashes (worker died), errors (exception in the worker or
+    in scheduling) and stalls (checks abandoned at the call deadline).
 
     Workers start with forkserver (spawn where unavailable), never fork, so the pool is safe in a
     process holding CUDA or threads; like any spawn/forkserver pool, a script that uses it must
     guard its entry point with ``if __name__ == "__main__":``.
+
+    Test hook: when the environment variable `FAULT_INJECTION_ENV` is "1" at construction, the
+    pool's workers honour fault-injecting references (`FAULT_PREFIX`); otherwise such a reference is
+    just text (it has no extractable answer, so it grades "invalid").
     """
+
+    #: seconds allowed per round of checks on top of ``timeout_s`` for killing and replacing a
+    #: worker (forkserver forks a warm worker in ~50 ms; spawn re-imports sympy, ~2-5 s on 2 cores).
+    RESTART_ALLOWANCE_S: ClassVar[dict[str, float]] = {"forkserver": 1.0, "spawn": 6.0}
 
     def __init__(self, workers: int = 2, timeout_s: float = 2.0, memory_mb: int = 2048):
         if workers < 1 or timeout_s <= 0 or memory_mb < 256:
             raise ValueError("GradingPool: need workers >= 1, timeout_s > 0, memory_mb >= 256")
         self.workers, self.timeout_s, self.memory_mb = workers, float(timeout_s), memory_mb
+        #: fixed slack (seconds) of the whole-call deadline: pool start-up (forkserver start and the
+        #: sympy/math-verify import, ~1-3 s) with room for a loaded machine.
+        self.stall_slack_s = 60.0
+        self.fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
+        if self.fault_injection:
+            _log.warning("GradingPool: %s=1, fault injection (a test hook) is ON", FAULT_INJECTION_ENV)
         self._pool = None
+        self._method = _mp_context().get_start_method()
         self._lock = threading.Lock()
-        self.stats = {"fast": 0, "pool": 0, "timeout": 0, "crash": 0}
+        self.stats = {"fast": 0, "pool": 0, "timeout": 0, "crash": 0, "error": 0, "stalled": 0}
 
     def _ensure(self, restart: bool = False):
         with self._lock:
@@ -314,7 +347,7 @@ class GradingPool:
                 self._pool = ProcessPool(
                     max_workers=self.workers,
                     initializer=W.init,
-                    initargs=(self.memory_mb,),
+                    initargs=(self.memory_mb, self.fault_injection),
                     context=_mp_context(),
                 )
             return self._pool
@@ -329,43 +362,78 @@ class GradingPool:
                 _log.warning("GradingPool: scheduling failed (%r)%s", exc, "" if restart else "; restarting")
         return None
 
+    def stall_deadline_s(self, n_checks: int, timeout_s: float | None = None) -> float:
+        """Upper bound (seconds) on one `grade_many` call that sends ``n_checks`` to the workers:
+        rounds x (per-check timeout + restart allowance) + `stall_slack_s`, with
+        rounds = ceil(n_checks / workers) + 1."""
+        timeout = float(timeout_s) if timeout_s else self.timeout_s
+        rounds = math.ceil(n_checks / self.workers) + 1
+        return rounds * (timeout + self.RESTART_ALLOWANCE_S.get(self._method, 6.0)) + self.stall_slack_s
+
+    def _takes_pool_path(self, reference) -> bool:
+        return self.fault_injection and isinstance(reference, str) and reference.startswith(FAULT_PREFIX)
+
     def grade_many(
         self, items: Sequence[tuple[str, str, str | None]], timeout_s: float | None = None
     ) -> list[Grade]:
         """Grade (completion, reference, kind) triples; one Grade per item, in order.
 
-        ``timeout_s`` overrides the pool's per-check limit for this call."""
+        ``timeout_s`` overrides the pool's per-check limit (seconds) for this call."""
         timeout = float(timeout_s) if timeout_s else self.timeout_s
         results: list[Grade | None] = []
         pending: list[tuple[int, tuple]] = []
         for i, item in enumerate(items):
             c, r, k = (tuple(item) + (None,))[:3]
-            g = _fast(c, r, k)
+            g = None if self._takes_pool_path(r) else _fast(c, r, k)
             results.append(g)
             if g is None:  # only the capped text travels (extraction never looks further)
-                pending.append((i, (X.cap(c), X.cap(r), k)))
+                r_sent = r if self._takes_pool_path(r) else X.cap(r)
+                pending.append((i, (X.cap(c), r_sent, k)))
         self.stats["fast"] += len(results) - len(pending)
         self.stats["pool"] += len(pending)
+        if not pending:
+            return results  # type: ignore[return-value]
+        deadline = time.monotonic() + self.stall_deadline_s(len(pending), timeout)
         futures = [(i, self._schedule(item, timeout)) for i, item in pending]
         from pebble import ProcessExpired
 
+        stalled = False
         for i, fut in futures:
             if fut is None:
+                self.stats["error"] += 1
                 results[i] = _g("invalid")
                 continue
+            if stalled:
+                fut.cancel()
+                self.stats["stalled"] += 1
+                results[i] = _g("timeout")
+                continue
             try:
-                reward, status = fut.result()
+                reward, status = fut.result(timeout=max(deadline - time.monotonic(), 0.0))
                 results[i] = Grade(float(reward), status)
             except (FutureTimeout, TimeoutError):
-                self.stats["timeout"] += 1
+                if fut.done():  # pebble's per-check timeout: the worker was killed and replaced
+                    self.stats["timeout"] += 1
+                else:  # the whole call ran past its deadline: the pool is wedged
+                    stalled = True
+                    fut.cancel()
+                    self.stats["stalled"] += 1
+                    _log.error("GradingPool: no result within the call deadline; abandoning the "
+                               "remaining checks as 'timeout' and restarting the pool")
                 results[i] = _g("timeout")
             except ProcessExpired as exc:
                 self.stats["crash"] += 1
                 _log.warning("GradingPool: worker died (%s); graded invalid", exc)
                 results[i] = _g("invalid")
             except Exception as exc:
+                self.stats["error"] += 1
                 _log.warning("GradingPool: check failed (%r); graded invalid", exc)
                 results[i] = _g("invalid")
+        if stalled:
+            try:
+                self._ensure(restart=True)
+            except Exception as exc:  # the next call retries through _schedule
+                _log.warning("GradingPool: restart after a stall failed (%r)", exc)
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -431,6 +499,6 @@ def is_correct(completion: str, reference: str, kind: str | None = None) -> bool
 
 
 __all__ = [
-    "Grade", "GradingPool", "KINDS", "STATUSES", "default_pool", "detect_kind", "extract_answer",
+    "FAULT_INJECTION_ENV", "FAULT_PREFIX", "Grade", "GradingPool", "KINDS", "STATUSES", "default_pool", "detect_kind", "extract_answer",
     "grade", "grade_batch", "is_correct",
 ]
