@@ -9,20 +9,39 @@ mini-batch whose mean ratio exceeds 10 is skipped. GRPO sets both aggregations t
 (``seq_mean_token_mean`` originally: ``(1/G) Σ_i (1/|o_i|) Σ_t {ℓ + β k3}``, DeepSeekMath eq. 3).
 
 A mini-batch whose loss or gradient norm is NaN or infinite is skipped (no optimiser step) and
-counted in ``nonfinite_minibatches``.
+counted in ``nonfinite_minibatches``; ``nonfinite_trailing`` counts those at the end of the update.
+
+Data parallelism (``dist``, `algos.distributed.Dist`): each rank passes its own shard of the
+iteration's episodes; ``minibatch_size`` is the global mini-batch, so a rank trains on
+``minibatch_size // world_size`` of its episodes per optimiser step. Loss normalisers (token and
+sequence counts), whitening statistics, the max-ratio and non-finite decisions and the logged
+statistics are reduced over ranks, and gradients are summed before clipping: each rank's loss is
+its share of the *global* aggregate, so one update equals a single-process update on the
+concatenated batch up to float summation order (when the mini-batches hold the same episodes).
+
+Efficiency: within a mini-batch, micro-batches are formed from rows sorted by prompt+response
+length and each is trimmed to its own longest row, so little compute goes to padding; the
+gradient is unchanged because every micro-batch's loss is a partial sum over the mini-batch's
+global normaliser (`core.aggregate_sum` / `core.aggregate_norm`). ``π_old`` and ``π_ref``
+log-probs are computed once per update (one no-grad pass each, also length-sorted), not per epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+from torch import Tensor
 
 from algos import core
 from algos.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode
+
+if TYPE_CHECKING:
+    from algos.distributed import Dist
 
 
 @dataclass(frozen=True)
@@ -30,8 +49,8 @@ class ActorSettings:
     """Settings of the actor update (each algorithm's Config provides them)."""
 
     epochs: int
-    minibatch_size: int  # episodes per optimiser step
-    micro_batch_size: int  # episodes per forward/backward pass (gradient accumulation)
+    minibatch_size: int  # episodes per optimiser step, over all ranks
+    micro_batch_size: int  # episodes per forward/backward pass on one rank (gradient accumulation)
     clip_eps: float
     kl_coef: float
     temperature: float
@@ -44,6 +63,13 @@ class ActorSettings:
     kl_aggregation: core.AggregationMode = "seq_mean_token_sum"
     kl_estimator: str = "k3"
     aggregation_constant: float | None = None  # L_max for seq_sum_const (Dr. GRPO)
+    sort_micro_batches: bool = True  # micro-batches of length-sorted rows (same gradient, less padding)
+    bf16_autocast: bool = False  # policy/reference forward passes under bf16 autocast (see below)
+
+
+#: With ``bf16_autocast``, micro-batch widths are rounded up to a multiple of this many tokens: on
+#: CPU every new shape adds to oneDNN's kernel cache (see `algos.sft.SFTConfig.pad_to_multiple_of`).
+AUTOCAST_WIDTH_MULTIPLE = 32
 
 
 def place_per_token(batch: dict[str, torch.Tensor], values: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -66,23 +92,135 @@ def _chunks(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
-def _select(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
-    """Rows of a right-padded batch, trimmed to the longest selected sequence."""
+def _select(batch: dict[str, torch.Tensor], rows: list[int], multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Rows of a right-padded batch (its 2-D tensors), trimmed to the longest selected sequence
+    rounded up to a multiple of ``multiple`` (at most the batch's width)."""
     sub = {k: v[rows] for k, v in batch.items() if v.dim() == 2}
-    width = int(sub["attention_mask"].sum(1).max())
+    width = max(int(sub["attention_mask"].sum(1).max()), 1)
+    width = min(-(-width // multiple) * multiple, sub["attention_mask"].shape[1])
     return {k: v[:, :width] for k, v in sub.items()}
 
 
+def _precision(device: torch.device, bf16: bool):
+    """``torch.autocast(device, bfloat16)`` when ``bf16``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def micro_batch_rows(attention_mask: Tensor, size: int, sort: bool = True) -> list[list[int]]:
+    """Row indices of the micro-batches of a right-padded (B, L) batch, ``size`` rows each.
+
+    With ``sort``, rows are ordered by sequence length (prompt + response tokens, from the
+    attention mask) longest first, ties by index, so each micro-batch holds rows of similar length
+    and, trimmed to its longest row, carries little padding; the first micro-batch is the largest,
+    so an out-of-memory error shows at once. Without ``sort``, rows keep their order.
+
+    Raises:
+        ValueError: size < 1.
+    """
+    if size < 1:
+        raise ValueError(f"micro-batch size: expected an int >= 1, got {size}")
+    rows = list(range(attention_mask.shape[0]))
+    if sort:
+        lengths = attention_mask.sum(1).tolist()
+        rows.sort(key=lambda i: (-lengths[i], i))
+    return _chunks(rows, size)
+
+
 @torch.no_grad()
-def batch_logprobs(model, batch, temperature: float, micro: int) -> torch.Tensor:
-    """Tempered log-probs of every response token of a padded batch, (B, L) float32, computed without
-    gradient in micro-batches of ``micro`` rows (0 off the response mask)."""
-    rows = list(range(batch["input_ids"].shape[0]))
+def batch_logprobs(model, batch, temperature: float, micro: int, sort: bool = True,
+                   bf16_autocast: bool = False) -> torch.Tensor:
+    """Tempered log-probs of every response token of a padded batch, (B, L) float32 on the CPU,
+    computed without gradient in micro-batches of ``micro`` rows (0 off the response mask).
+    Rows are grouped by length (``sort``, see `micro_batch_rows`); the result is in the input's
+    row order either way. ``bf16_autocast`` runs the forward passes under bf16 autocast."""
     out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
-    for part in _chunks(rows, micro):
-        sub = _select(batch, part)
-        out[part, : sub["input_ids"].shape[1]] = response_logprobs(model, sub, temperature).float()
+    device = next(model.parameters()).device
+    multiple = AUTOCAST_WIDTH_MULTIPLE if bf16_autocast else 1
+    for part in micro_batch_rows(batch["attention_mask"], micro, sort):
+        sub = _select(batch, part, multiple)
+        with _precision(device, bf16_autocast):
+            logp = response_logprobs(model, sub, temperature)
+        out[part, : sub["input_ids"].shape[1]] = logp.float().cpu()
     return out
+
+
+def _aggregation_norm(mode: core.AggregationMode, n_tokens: float, n_seqs: float, constant: float | None) -> float:
+    """`core.aggregate_norm` from counts (so they can be global): masked tokens (token_mean,
+    at least 1), sequences (seq_mean_*), or sequences · constant (seq_sum_const).
+
+    Raises:
+        ValueError: unknown mode, or seq_sum_const without a positive constant.
+    """
+    if mode == "token_mean":
+        return max(n_tokens, 1.0)
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return n_seqs
+    if mode == "seq_sum_const":
+        if not constant or constant <= 0:
+            raise ValueError(f"seq_sum_const needs a positive constant (L_max), got {constant}")
+        return n_seqs * constant
+    raise ValueError(f"mode: expected one of {core.AggregationMode.__args__}, got {mode!r}")
+
+
+def _is_multi(dist: Dist | None) -> bool:
+    return dist is not None and dist.world_size > 1
+
+
+def _reduce(values: Tensor, dist: Dist | None) -> Tensor:
+    """Sum over ranks (identity in a single process)."""
+    return dist.all_reduce_sum(values) if _is_multi(dist) else values
+
+
+def whiten_global(x: Tensor, mask: Tensor, dist: Dist | None, eps: float = 1e-8) -> Tensor:
+    """`core.masked_whiten` with statistics over the masked tokens of every rank.
+
+    ``mean = Σ x / n``, ``var = Σ (x − mean)² / (n − 1)`` (unbiased, two passes: two all-reduces,
+    each of one or two float64 scalars), ``(x − mean) / √(var + eps)``; with n < 2 only centred.
+    In a single process it is `core.masked_whiten` itself.
+
+    Args:
+        x, mask: (B, T) this rank's values and 0/1 mask (float).
+    Returns:
+        (B, T) float32, 0 off the mask.
+    """
+    if not _is_multi(dist):
+        return core.masked_whiten(x, mask, eps)
+    x64, m64 = x.double(), mask.double()
+    first = _reduce(torch.stack([m64.sum(), core.masked_sum(x64, m64)]), dist)
+    n, total = float(first[0]), float(first[1])
+    mean = total / max(n, 1.0)
+    if n < 2:
+        return (x - mean) * mask
+    sq = float(_reduce(core.masked_sum((x64 - mean) ** 2, m64).reshape(1), dist)[0])
+    var = sq / (n - 1)
+    return ((x - mean) * (1.0 / math.sqrt(var + eps))).float() * mask
+
+
+def check_step_counts(n_local: int, minibatch_size: int, dist: Dist | None) -> int:
+    """This rank's mini-batch size, ``minibatch_size // world_size``, after checking that every
+    rank will take the same number of optimiser steps per epoch, ``ceil(n_local / local)``.
+    Collective (one all-gather of ``n_local``) when ``dist`` has more than one rank.
+
+    Raises:
+        ValueError: minibatch_size < 1 or not divisible by the world size, or ranks whose episode
+            counts give different numbers of mini-batches (the same error on every rank).
+    """
+    if minibatch_size < 1:
+        raise ValueError(f"minibatch_size: expected an int >= 1, got {minibatch_size}")
+    if not _is_multi(dist):
+        return minibatch_size
+    world = dist.world_size
+    if minibatch_size % world:
+        raise ValueError(f"minibatch_size {minibatch_size} (global, over all ranks) is not divisible by "
+                         f"world_size {world}")
+    local = minibatch_size // world
+    counts = [int(c) for c in dist.all_gather_object(int(n_local))]
+    steps = [-(-c // local) for c in counts]
+    if len(set(steps)) != 1 or 0 in counts:
+        raise ValueError(f"ranks hold {counts} episodes: with {local} per rank and mini-batch they would take "
+                         f"{steps} optimiser steps per epoch; every rank needs the same number (shard episodes "
+                         f"evenly, e.g. with Dist.shard)")
+    return local
 
 
 def actor_update(
@@ -95,77 +233,115 @@ def actor_update(
     settings: ActorSettings,
     pad_token_id: int,
     generator: torch.Generator,
+    *,
+    dist: Dist | None = None,
+    old_logprobs: Tensor | None = None,
 ) -> dict[str, float]:
-    """Run the PPO actor update on one iteration's episodes.
+    """Run the PPO actor update on one iteration's episodes (this rank's shard of them).
 
     Args:
         episodes: N episodes; their response tokens are trained on.
         advantages: N lists, one advantage per response token (before whitening).
-        generator: RNG for mini-batch shuffling.
+        generator: RNG for mini-batch shuffling (one ``randperm(N)`` per epoch, per rank).
+        dist: the data-parallel group; None (or world size 1) is a single process. Every rank must
+            call this with episode counts giving the same number of mini-batches per epoch.
+        old_logprobs: optional (N, L) float32 π_old log-probs of the
+            ``batch_sequences(prompts, responses)`` layout of ``episodes`` (`batch_logprobs` at
+            ``settings.temperature``), when the caller has them already; else computed here.
     Returns:
         Means over optimiser steps of: loss, pg_loss, kl (the estimator's per-token mean, nats;
-        only when kl_coef > 0), clip_frac, ratio, grad_norm; plus the number of optimiser steps, of
-        mini-batches skipped for a mean ratio above ``max_ratio``, and of non-finite ones.
+        only when kl_coef > 0), clip_frac, ratio, grad_norm — all over the global mini-batch; plus
+        the number of optimiser steps, of mini-batches skipped for a mean ratio above
+        ``max_ratio``, of non-finite ones (``nonfinite_minibatches``) and of non-finite ones in a
+        row at the end of the update (``nonfinite_trailing``; a ratio skip or a step resets it).
+    Raises:
+        ValueError: mismatched advantages, invalid aggregation settings, or uneven ranks (see
+            `check_step_counts`).
     """
+    local_mb = check_step_counts(len(episodes), settings.minibatch_size, dist)
+    for mode in (settings.pg_aggregation, settings.kl_aggregation):
+        _aggregation_norm(mode, 1.0, 1.0, settings.aggregation_constant)  # validate before any work
     batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
     batch["advantages"] = place_per_token(batch, advantages)
+    micro, sort, bf16 = settings.micro_batch_size, settings.sort_micro_batches, settings.bf16_autocast
+    multiple = AUTOCAST_WIDTH_MULTIPLE if bf16 else 1
     policy.eval()
-    batch["old_logp"] = batch_logprobs(policy, batch, settings.temperature, settings.micro_batch_size)
-    batch["ref_logp"] = (
-        batch_logprobs(reference, batch, settings.temperature, settings.micro_batch_size)
-        if settings.kl_coef > 0 else batch["old_logp"].clone()
-    )
+    if old_logprobs is None:
+        batch["old_logp"] = batch_logprobs(policy, batch, settings.temperature, micro, sort, bf16)
+    else:
+        if tuple(old_logprobs.shape) != tuple(batch["input_ids"].shape):
+            raise ValueError(f"old_logprobs: expected shape {tuple(batch['input_ids'].shape)} (the batch_sequences "
+                             f"layout of the episodes), got {tuple(old_logprobs.shape)}")
+        batch["old_logp"] = old_logprobs.detach().float().cpu() * batch["response_mask"]
+    if settings.kl_coef > 0:
+        batch["ref_logp"] = batch_logprobs(reference, batch, settings.temperature, micro, sort, bf16)
     policy.train()
+    device = next(policy.parameters()).device
     stats: dict[str, list[float]] = {k: [] for k in ("loss", "pg_loss", "kl", "clip_frac", "ratio", "grad_norm")}
-    skipped = nonfinite = 0
+    skipped = nonfinite = trailing = 0
     n = len(episodes)
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator).tolist()
-        for mb_rows in _chunks(order, settings.minibatch_size):
+        for mb_rows in _chunks(order, local_mb):
             mb = _select(batch, mb_rows)
             mask = mb["response_mask"].float()
-            adv = core.masked_whiten(mb["advantages"], mask) if settings.whiten_advantages else mb["advantages"]
-            n_tokens = mask.sum().clamp(min=1).item()
-            pg_norm = core.aggregate_norm(mask, settings.pg_aggregation, settings.aggregation_constant)
-            kl_norm = core.aggregate_norm(mask, settings.kl_aggregation, settings.aggregation_constant)
+            counts = _reduce(torch.tensor([float(mask.sum()), float(len(mb_rows))], dtype=torch.float64), dist)
+            n_tok, n_seq = float(counts[0]), float(counts[1])
+            if settings.whiten_advantages:
+                mb["advantages"] = whiten_global(mb["advantages"], mask, dist)
+            n_tokens = max(n_tok, 1.0)
+            pg_norm = _aggregation_norm(settings.pg_aggregation, n_tok, n_seq, settings.aggregation_constant)
+            kl_norm = _aggregation_norm(settings.kl_aggregation, n_tok, n_seq, settings.aggregation_constant)
             optimizer.zero_grad(set_to_none=True)
-            sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 0.0}
-            for part in _chunks(list(range(len(mb_rows))), settings.micro_batch_size):
-                sub = {k: v[part] for k, v in mb.items()}
-                sub_mask, sub_adv = mask[part], adv[part]
-                logp = response_logprobs(policy, sub, settings.temperature).float()
-                pg, ratio, clipped = core.clipped_surrogate(logp, sub["old_logp"], sub_adv, settings.clip_eps,
-                                                            settings.clip_eps_high)
+            # this rank's sums of: loss, pg_loss, Σ kl, Σ clipped, Σ ratio (reduced once per mini-batch)
+            acc = torch.zeros(5, dtype=torch.float64, device=device)
+            for part in micro_batch_rows(mb["attention_mask"], micro, sort):
+                sub = {k: v.to(device) for k, v in _select(mb, part, multiple).items()}
+                sub_mask = sub["response_mask"].float()
+                with _precision(device, bf16):
+                    logp = response_logprobs(policy, sub, settings.temperature)
+                logp = logp.float()
+                pg, ratio, clipped = core.clipped_surrogate(logp, sub["old_logp"], sub["advantages"],
+                                                            settings.clip_eps, settings.clip_eps_high)
                 pg_term = core.aggregate_sum(pg, sub_mask, settings.pg_aggregation) / pg_norm
                 loss = pg_term
+                kl_sum = torch.zeros((), device=device)
                 if settings.kl_coef > 0:
-                    kl = core.kl_estimate(logp, sub["ref_logp"], settings.kl_estimator).clamp(-settings.kl_clamp, settings.kl_clamp)
+                    kl = core.kl_estimate(logp, sub["ref_logp"], settings.kl_estimator).clamp(
+                        -settings.kl_clamp, settings.kl_clamp)
                     loss = loss + settings.kl_coef * core.aggregate_sum(kl, sub_mask, settings.kl_aggregation) / kl_norm
-                    sums["kl"] += core.masked_sum(kl.detach(), sub_mask).item() / n_tokens
+                    kl_sum = core.masked_sum(kl.detach(), sub_mask)
                 loss.backward()
-                sums["loss"] += loss.item()
-                sums["pg_loss"] += pg_term.item()
-                sums["clip_frac"] += core.masked_sum(clipped, sub_mask).item() / n_tokens
-                sums["ratio"] += core.masked_sum(ratio.detach(), sub_mask).item() / n_tokens
+                acc += torch.stack([loss.detach(), pg_term.detach(), kl_sum, core.masked_sum(clipped, sub_mask),
+                                    core.masked_sum(ratio.detach(), sub_mask)]).double()
+            loss_g, pg_g, kl_g, clip_g, ratio_g = _reduce(acc, dist).tolist()
+            sums = {"loss": loss_g, "pg_loss": pg_g, "kl": kl_g / n_tokens, "clip_frac": clip_g / n_tokens,
+                    "ratio": ratio_g / n_tokens}
             if sums["ratio"] > settings.max_ratio:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
+                trailing = 0
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.grad_clip)
-            if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
+            if _is_multi(dist):
+                dist.all_reduce_grads(policy)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.grad_clip))
+            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
+                trailing += 1
                 continue
             optimizer.step()
             scheduler.step()
+            trailing = 0
             for name, value in sums.items():
                 stats[name].append(value)
-            stats["grad_norm"].append(float(grad_norm))
+            stats["grad_norm"].append(grad_norm)
     policy.eval()
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
     out["optimizer_steps"] = float(len(stats["loss"]))
     out["skipped_minibatches"] = float(skipped)
     out["nonfinite_minibatches"] = float(nonfinite)
+    out["nonfinite_trailing"] = float(trailing)
     if settings.kl_coef == 0:
         del out["kl"]
     return out

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 
 from algos import core
+from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
+                                 check_non_negative, check_positive, check_top_p, check_types)
 from algos.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
 from algos.sampling import HFSampler, Sampler, SamplingParams
@@ -103,31 +105,21 @@ class DPOPlusConfig:
     """With sample_from='policy': set π_ref to the current policy at the start of each iteration."""
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs", "batch_size",
-                    "micro_batch_size", "learning_rate", "grad_clip", "beta", "temperature")
-        for name in positive:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam: expected a finite value >= 0, got {self.lam}")
-        if not math.isfinite(self.reward_threshold):
-            raise ValueError(f"reward_threshold: expected a finite value, got {self.reward_threshold}")
-        if self.max_pairs_per_problem is not None and self.max_pairs_per_problem < 1:
-            raise ValueError(f"max_pairs_per_problem: expected an int >= 1 or None, got {self.max_pairs_per_problem}")
-        if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"micro_batch_size: expected <= batch_size={self.batch_size}, got {self.micro_batch_size}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio}")
-        if self.sample_from not in ("reference", "policy"):
-            raise ValueError(f"sample_from: expected 'reference' or 'policy', got {self.sample_from!r}")
+        """Raises TypeError / ValueError naming ``DPOPlusConfig.<field>`` (see `algos.config_checks`)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
+                              "batch_size", "micro_batch_size", "learning_rate", "grad_clip", "beta", "temperature"))
+        check_top_p(self)
+        check_non_negative(self, ("lam", "weight_decay"))
+        # rewards are graded 0/1: a threshold <= 0 calls every response correct, > 1 none (no pairs either way)
+        check_interval(self, "reward_threshold", 0, 1, low_open=True)
+        check_at_least(self, "max_pairs_per_problem", 1)
+        check_at_most(self, "micro_batch_size", "batch_size")
+        check_fraction(self, "warmup_ratio")
         if self.refresh_reference and self.sample_from != "policy":
-            raise ValueError("refresh_reference: only meaningful with sample_from='policy' "
-                             f"(got sample_from={self.sample_from!r})")
+            raise ValueError("DPOPlusConfig.refresh_reference: expected False unless sample_from='policy' (only then "
+                             f"is there a policy to refresh π_ref from), got True with sample_from={self.sample_from!r}")
 
     @classmethod
     def cpu_tiny(cls) -> "DPOPlusConfig":
@@ -210,6 +202,19 @@ class DPOPlus:
         self.optimizer = torch.optim.AdamW(ctx.policy.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=config.weight_decay)
         self._reference_sampler = reference_sampler
+
+    def state_dict(self) -> dict:
+        """What a resumable checkpoint needs besides the policy: the optimiser state (its learning
+        rate is recomputed from the iteration), and π_ref when it is refreshed from the policy."""
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.config.refresh_reference:
+            state["reference"] = self.ctx.reference.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "reference" in state:
+            self.ctx.reference.load_state_dict(state["reference"])
 
     @property
     def reference_sampler(self) -> Sampler:

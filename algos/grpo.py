@@ -28,6 +28,8 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
+from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_non_negative,
+                                 check_positive, check_top_p, check_types)
 from algos.rollout import collect_episodes, episode_metrics
 from algos.sampling import SamplingParams
 from algos.trainer import TrainContext, make_optimizer
@@ -77,24 +79,19 @@ class GRPOConfig:
     """β of the k3 KL-to-reference term in the loss (0 drops the reference forward pass)."""
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size", "micro_batch_size",
-                    "learning_rate", "temperature", "grad_clip", "clip_eps")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt: GRPO needs a group of at least 2, got {self.samples_per_prompt}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
-        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
-            raise ValueError(f"clip_eps_high: expected > 0 or None, got {self.clip_eps_high}")
-        for name in ("kl_coef", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
-        if self.aggregation not in core.AggregationMode.__args__:
-            raise ValueError(f"aggregation: expected one of {core.AggregationMode.__args__}, got {self.aggregation!r}")
+        """Raises TypeError / ValueError naming ``GRPOConfig.<field>`` (see `algos.config_checks`);
+        ``aggregation`` must be one of `core.AggregationMode` (checked with the types)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size",
+                              "micro_batch_size", "learning_rate", "temperature", "grad_clip", "clip_eps"))
+        check_at_least(self, "samples_per_prompt", 2, "group-normalised advantages need a group of at least 2")
+        if self.clip_eps_high is not None:
+            check_positive(self, ("clip_eps_high",))
+        check_top_p(self)
+        check_non_negative(self, ("kl_coef", "weight_decay"))
+        check_fraction(self, "warmup_ratio")
+        check_at_most(self, "micro_batch_size", "minibatch_size")
 
     @classmethod
     def cpu_tiny(cls) -> "GRPOConfig":
@@ -123,14 +120,26 @@ class GRPO:
     surrogate with a k3 KL in the loss."""
 
     name = "grpo"
+    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
 
     def __init__(self, config: GRPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
         self.ctx = ctx
+        if config.drop_uniform_groups and ctx.dist.world_size > 1:
+            raise ValueError("GRPOConfig.drop_uniform_groups: not supported with several processes (ranks would "
+                             "train on different numbers of responses); turn it off or use one process")
         self.optimizer, self.scheduler = make_optimizer(
             ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio,
             total_steps=config.steps_per_iteration() * total_iterations,
         )
+
+    def state_dict(self) -> dict:
+        """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx
@@ -152,7 +161,7 @@ class GRPO:
         update: dict[str, float] = {"optimizer_steps": 0.0}
         if train_eps:
             update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, train_eps, per_token,
-                                  cfg.actor_settings(), ctx.pad_token_id, ctx.generator)
+                                  cfg.actor_settings(), ctx.pad_token_id, ctx.generator, dist=ctx.dist)
             ctx.sampler.update_weights(ctx.policy)
         t2 = time.perf_counter()
         metrics = episode_metrics(episodes)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["load_policy", "batch_sequences", "token_logprobs", "response_logprobs", "clone_reference"]
+__all__ = ["load_policy", "check_model_source", "check_tokenizer", "batch_sequences", "token_logprobs",
+           "response_logprobs", "clone_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,64 @@ def _looks_like_local_path(name: str) -> bool:
         return True
     first = name.replace("\\", "/").split("/", 1)[0]
     return "/" in name.replace("\\", "/") and os.path.exists(first)
+
+
+def check_model_source(name_or_path: str | os.PathLike) -> tuple[str, bool]:
+    """Resolve a model name to ``(name, local_only)`` without loading anything.
+
+    A name that looks like a local path (absolute, ``./``/``../``, ``~``, or whose first component
+    exists, see `_looks_like_local_path`) must be a directory written by ``save_pretrained``:
+    ``(expanded path, True)``. Anything else is taken as a hub id: ``(name, False)``.
+
+    Raises:
+        FileNotFoundError: a local path that is not a directory, or a directory without a
+            ``config.json`` (not a saved model); the message names the path. No hub lookup is tried.
+    """
+    name = str(name_or_path)
+    if not _looks_like_local_path(name):
+        return name, False
+    path = os.path.expanduser(name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {name!r} (resolved to {os.path.abspath(path)!r})")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"model directory {name!r} has no config.json: expected a directory written by save_pretrained "
+            "(model weights, config.json and the tokenizer files)"
+        )
+    return path, True
+
+
+def check_tokenizer(tokenizer, source: str, model=None) -> None:
+    """Check that a tokenizer can drive generation and training; give it a PAD token if it lacks one.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (modified in place: PAD := EOS when PAD is missing).
+        source: where it came from, for messages (a path or hub id).
+        model: optionally the causal LM it will feed: every token id must have an embedding row.
+
+    Raises:
+        ValueError: no EOS token (generation could never stop and episodes never terminate); or the
+            tokenizer has more tokens than the model's input embeddings (ids past the table would
+            index out of range). The message names ``source``.
+
+    A tokenizer without PAD gets EOS as PAD (a warning is logged): masks, never the PAD id, mark
+    padding everywhere in this package.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer of {source!r} has no EOS token (eos_token is None); generation could never stop. "
+            "Set tokenizer.eos_token and save it again"
+        )
+    if tokenizer.pad_token_id is None:
+        logger.warning("tokenizer of %r has no PAD token; using EOS (%r) as PAD", source, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
+        rows = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise ValueError(
+                f"tokenizer of {source!r} has {len(tokenizer)} tokens but the model's input embeddings have only "
+                f"{rows} rows; expected len(tokenizer) <= {rows} (a tokenizer saved with another model?)"
+            )
 
 
 def load_policy(
@@ -51,35 +110,27 @@ def load_policy(
 
     Raises:
         FileNotFoundError: ``name_or_path`` looks like a local path (starts with ``/``, ``.``,
-            ``~``, or its first component exists) but is not a directory. No hub lookup is tried.
-        ValueError: the tokenizer has no EOS token, or ``dtype`` is not a torch dtype name.
+            ``~``, or its first component exists) but is not a directory holding a ``config.json``
+            (`check_model_source`). No hub lookup is tried.
+        ValueError: the tokenizer has no EOS token or more tokens than the model has embeddings
+            (`check_tokenizer`), or ``dtype`` is not a torch dtype name.
 
     A tokenizer without PAD gets EOS as PAD (a warning is logged); masks, never the PAD id, mark
     padding everywhere in this package.
     """
-    name = str(name_or_path)
-    if _looks_like_local_path(name):
-        path = os.path.expanduser(name)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model directory not found: {name!r} (resolved to {os.path.abspath(path)!r})")
-        name, local_only = path, True
-    else:
-        local_only = False
     if isinstance(dtype, str) and dtype != "auto":
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"dtype: expected 'auto', a torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
         dtype = resolved
+    name, local_only = check_model_source(name_or_path)
 
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {name_or_path!r} has no EOS token; generation could never stop")
-    if tokenizer.pad_token_id is None:
-        logger.warning("tokenizer of %r has no PAD token; using EOS (%r) as PAD", name_or_path, tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
+    check_tokenizer(tokenizer, str(name_or_path))
     tokenizer.padding_side = "left"
 
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+    check_tokenizer(tokenizer, str(name_or_path), model)
     model.to(device)
     model.eval()
     return model, tokenizer

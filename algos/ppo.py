@@ -59,6 +59,8 @@ from transformers import AutoModel
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
+from algos.config_checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                 check_top_p, check_types)
 from algos.policy import batch_sequences
 from algos.rollout import collect_episodes, episode_metrics
 from algos.sampling import SamplingParams
@@ -117,25 +119,18 @@ class PPOConfig:
     """Whiten advantages over each mini-batch's response tokens (returns are not whitened)."""
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs", "minibatch_size",
-                    "micro_batch_size", "learning_rate", "critic_learning_rate", "grad_clip", "clip_eps",
-                    "value_clip", "temperature")
-        for name in positive:
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name}: expected > 0, got {value}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
-        for name in ("gamma", "lam"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1:
-                raise ValueError(f"{name}: expected in [0, 1], got {value}")
-        for name in ("kl_coef", "weight_decay"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"{name}: expected >= 0, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
+        """Raises TypeError / ValueError naming ``PPOConfig.<field>`` (see `algos.config_checks`)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
+                              "minibatch_size", "micro_batch_size", "learning_rate", "critic_learning_rate",
+                              "grad_clip", "clip_eps", "value_clip", "temperature"))
+        check_top_p(self)
+        check_fraction(self, "gamma", high_open=False)
+        check_fraction(self, "lam", high_open=False)
+        check_non_negative(self, ("kl_coef", "weight_decay"))
+        check_fraction(self, "warmup_ratio")
+        check_at_most(self, "micro_batch_size", "minibatch_size")
 
     @classmethod
     def cpu_tiny(cls) -> PPOConfig:
@@ -315,15 +310,19 @@ def _rows(batch: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def compute_values(critic: ValueModel, batch: dict[str, Tensor], micro_batch_size: int) -> Tensor:
-    """V(s_t) for every response token of a right-padded batch, micro-batched, without gradient.
+    """V(s_t) for every response token of a right-padded batch, without gradient, in micro-batches of
+    ``micro_batch_size`` length-sorted rows (`algos.actor.micro_batch_rows`), each trimmed to its
+    longest row.
 
     Returns:
-        (B, L) float32 on the CPU, 0 outside ``response_mask``.
+        (B, L) float32 on the CPU, 0 outside ``response_mask``, in the input's row order.
     """
+    from algos.actor import micro_batch_rows
+
     was_training = critic.training
     critic.eval()
     out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
-    for part in _chunks(list(range(batch["input_ids"].shape[0])), micro_batch_size):
+    for part in micro_batch_rows(batch["attention_mask"], micro_batch_size):
         sub = _rows(batch, part)
         out[part, : sub["input_ids"].shape[1]] = critic.response_values(sub).cpu()
     critic.train(was_training)
@@ -339,59 +338,85 @@ def critic_update(
     returns: Tensor,
     settings: CriticSettings,
     generator: torch.Generator,
+    *,
+    dist=None,
 ) -> dict[str, float]:
     """Fit the critic to the returns: ``epochs`` passes of shuffled mini-batches, each one optimiser
     step on ``½ · token_mean(max((V − G)², (clip(V, V_old ± c) − G)²))``.
 
+    Micro-batches are length-sorted and trimmed (`algos.actor.micro_batch_rows`); each adds its
+    masked sum over the mini-batch's token count, so the gradient does not depend on the split.
+
     Args:
-        batch: a right-padded `batch_sequences` batch of the N episodes.
+        batch: a right-padded `batch_sequences` batch of the N episodes (this rank's shard).
         old_values, returns: (N, L) V_old(s_t) and G_t on the response tokens (0 elsewhere).
         generator: RNG for the mini-batch shuffle (one ``randperm(N)`` per epoch, as `actor_update`).
+        dist: an `algos.distributed.Dist`; None (or world size 1) is a single process. As in
+            `algos.actor.actor_update`: ``minibatch_size`` is global (``minibatch_size // world``
+            episodes per rank and step), the token count of the mini-batch and the logged sums are
+            reduced over ranks and gradients summed before clipping, so the update equals a
+            single-process one on the concatenated batch up to float summation order.
     Returns:
         Means over optimiser steps of loss, clip_frac (fraction of tokens where the clipped term is
-        the larger) and grad_norm; the number of optimiser steps and of mini-batches skipped for a
-        non-finite loss or gradient norm.
+        the larger) and grad_norm; the number of optimiser steps, of mini-batches skipped for a
+        non-finite loss or gradient norm, and of those in a row at the end (``nonfinite_trailing``).
+    Raises:
+        ValueError: ranks whose episode counts give different numbers of mini-batches, or a global
+            mini-batch size not divisible by the world size (`algos.actor.check_step_counts`).
     """
+    from algos.actor import check_step_counts, micro_batch_rows
+
+    multi = dist is not None and dist.world_size > 1
+    n = batch["input_ids"].shape[0]
+    local_mb = check_step_counts(n, settings.minibatch_size, dist)
     data = dict(batch)
     data["old_values"], data["returns"] = old_values.float(), returns.float()
     stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "grad_norm": []}
-    nonfinite = 0
-    n = batch["input_ids"].shape[0]
+    nonfinite = trailing = 0
+    device = critic.device
     critic.train()
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator).tolist()
-        for mb_rows in _chunks(order, settings.minibatch_size):
+        for mb_rows in _chunks(order, local_mb):
             mb = _rows(data, mb_rows)
-            n_tokens = max(float(mb["response_mask"].sum()), 1.0)
+            n_tok = torch.tensor([float(mb["response_mask"].sum())], dtype=torch.float64)
+            n_tokens = max(float(dist.all_reduce_sum(n_tok)[0] if multi else n_tok[0]), 1.0)
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = clip_sum = 0.0
-            for part in _chunks(list(range(len(mb_rows))), settings.micro_batch_size):
-                sub = {k: v[part] for k, v in mb.items()}
-                mask = sub["response_mask"].to(critic.device).float()
+            acc = torch.zeros(2, dtype=torch.float64, device=device)  # Σ loss share, Σ clipped tokens
+            for part in micro_batch_rows(mb["attention_mask"], settings.micro_batch_size):
+                sub = {k: v.to(device) for k, v in _rows(mb, part).items()}
+                mask = sub["response_mask"].float()
                 values = critic.response_values(sub)
-                old, ret = sub["old_values"].to(critic.device), sub["returns"].to(critic.device)
+                old, ret = sub["old_values"], sub["returns"]
                 per_token = core.clipped_value_loss(values, old, ret, settings.value_clip)
                 loss = core.masked_sum(per_token, mask) / n_tokens
                 loss.backward()
-                loss_sum += loss.item()
                 with torch.no_grad():
                     clipped = old + torch.clamp(values - old, -settings.value_clip, settings.value_clip)
                     frac = ((clipped - ret) ** 2 > (values - ret) ** 2).float()
-                    clip_sum += core.masked_sum(frac, mask).item() / n_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), settings.grad_clip)
-            if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                    acc += torch.stack([loss.detach(), core.masked_sum(frac, mask)]).double()
+            if multi:
+                acc = dist.all_reduce_sum(acc)
+            loss_sum, clip_count = acc.tolist()
+            if multi:
+                dist.all_reduce_grads(critic)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), settings.grad_clip))
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
+                trailing += 1
                 continue
             optimizer.step()
             scheduler.step()
+            trailing = 0
             stats["loss"].append(loss_sum)
-            stats["clip_frac"].append(clip_sum)
-            stats["grad_norm"].append(float(grad_norm))
+            stats["clip_frac"].append(clip_count / n_tokens)
+            stats["grad_norm"].append(grad_norm)
     critic.eval()
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
     out["optimizer_steps"] = float(len(stats["loss"]))
     out["nonfinite_minibatches"] = float(nonfinite)
+    out["nonfinite_trailing"] = float(trailing)
     return out
 
 
@@ -399,6 +424,7 @@ class PPO:
     """PPO with a learned critic (GAE advantages) and the shared PPO actor update."""
 
     name = "ppo"
+    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
 
     def __init__(self, config: PPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
@@ -424,6 +450,20 @@ class PPO:
             value_clip=config.value_clip, grad_clip=config.grad_clip,
         )
 
+    def state_dict(self) -> dict:
+        """What a resumable checkpoint needs besides the policy: the critic, and the optimiser and
+        LR-schedule states of actor and critic."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "critic_scheduler": self.critic_scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx
         timings: dict[str, float] = {}
@@ -443,11 +483,11 @@ class PPO:
         # the critic replays the actor's shuffle, so both train on the same mini-batches
         shuffle_state = ctx.generator.get_state()
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_episode,
-                              self.actor, ctx.pad_token_id, ctx.generator)
+                              self.actor, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
         critic_rng = torch.Generator()
         critic_rng.set_state(shuffle_state)
         value_update = critic_update(self.critic, self.critic_optimizer, self.critic_scheduler, batch, old_values,
-                                     returns, self.critic_settings, critic_rng)
+                                     returns, self.critic_settings, critic_rng, dist=ctx.dist)
         ctx.sampler.update_weights(ctx.policy)
         t4 = time.perf_counter()
 

@@ -52,6 +52,8 @@ import torch
 
 from langenv.env import LanguageEnv
 
+from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
+                                 check_non_negative, check_positive, check_top_p, check_types)
 from algos.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
 from algos.sampling import SamplingParams
@@ -110,33 +112,20 @@ class RestEMConfig:
     improve; 'choose_best': the first checkpoint with the highest accuracy (all are evaluated); 'last': the final checkpoint, no selection."""
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs", "batch_size",
-                    "micro_batch_size", "learning_rate", "grad_clip", "eval_every_steps", "validation_samples",
-                    "temperature")
-        for name in positive:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
-        for name in ("top_p", "validation_top_p"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name}: expected a value in (0, 1], got {getattr(self, name)}")
-        if not (math.isfinite(self.validation_temperature) and self.validation_temperature >= 0):
-            raise ValueError(f"validation_temperature: expected a finite value >= 0, got {self.validation_temperature}")
-        if not math.isfinite(self.reward_threshold):
-            raise ValueError(f"reward_threshold: expected a finite value, got {self.reward_threshold}")
-        if self.max_per_problem is not None and self.max_per_problem < 1:
-            raise ValueError(f"max_per_problem: expected an int >= 1 or None, got {self.max_per_problem}")
-        if self.micro_batch_size > self.batch_size:
-            raise ValueError(f"micro_batch_size: expected <= batch_size={self.batch_size}, got {self.micro_batch_size}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio}")
-        if self.validation_problems < 0:
-            raise ValueError(f"validation_problems: expected >= 0 (0 = all), got {self.validation_problems}")
-        if self.early_stop_method not in ("restem_paper_original", "choose_best", "last"):
-            raise ValueError("early_stop_method: expected 'restem_paper_original', 'choose_best' or 'last', "
-                             f"got {self.early_stop_method!r}")
+        """Raises TypeError / ValueError naming ``RestEMConfig.<field>`` (see `algos.config_checks`);
+        ``early_stop_method`` must be one of `EarlyStopMethod` (checked with the types)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
+                              "batch_size", "micro_batch_size", "learning_rate", "grad_clip", "eval_every_steps",
+                              "validation_samples", "temperature"))
+        check_top_p(self, ("top_p", "validation_top_p"))
+        check_non_negative(self, ("validation_temperature", "weight_decay", "validation_problems"))
+        # rewards are graded 0/1: a threshold <= 0 would keep wrong solutions, > 1 would keep none
+        check_interval(self, "reward_threshold", 0, 1, low_open=True)
+        check_at_least(self, "max_per_problem", 1)
+        check_at_most(self, "micro_batch_size", "batch_size")
+        check_fraction(self, "warmup_ratio")
 
     @classmethod
     def cpu_tiny(cls) -> "RestEMConfig":
@@ -236,6 +225,14 @@ class RestEM:
         self.total_iterations = total_iterations
         self._validation_env = validation_env
         self._base_validation: dict[str, float] | None = None
+
+    def state_dict(self) -> dict:
+        """What a resumable checkpoint needs besides the policy (each M-step builds a fresh
+        optimiser from the base weights): the cached validation result of the base model."""
+        return {"base_validation": self._base_validation}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._base_validation = state["base_validation"]
 
     @property
     def validation_env(self) -> LanguageEnv:

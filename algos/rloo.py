@@ -28,6 +28,8 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update, batch_logprobs
+from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_non_negative,
+                                 check_positive, check_top_p, check_types)
 from algos.policy import batch_sequences
 from algos.rollout import collect_episodes, episode_metrics
 from algos.sampling import SamplingParams
@@ -72,22 +74,17 @@ class RLOOConfig:
     """PPO clip ε, active only when epochs > 1 or there are several mini-batches (off-policy steps)."""
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size", "micro_batch_size",
-                    "learning_rate", "temperature", "grad_clip", "clip_eps")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt: RLOO needs k >= 2 for a leave-one-out baseline, got {self.samples_per_prompt}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
-        for name in ("kl_coef", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: expected in [0, 1), got {self.warmup_ratio}")
-        if self.aggregation not in core.AggregationMode.__args__:
-            raise ValueError(f"aggregation: expected one of {core.AggregationMode.__args__}, got {self.aggregation!r}")
+        """Raises TypeError / ValueError naming ``RLOOConfig.<field>`` (see `algos.config_checks`);
+        ``aggregation`` must be one of `core.AggregationMode` (checked with the types)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size",
+                              "micro_batch_size", "learning_rate", "temperature", "grad_clip", "clip_eps"))
+        check_at_least(self, "samples_per_prompt", 2, "the leave-one-out baseline needs k >= 2")
+        check_top_p(self)
+        check_non_negative(self, ("kl_coef", "weight_decay"))
+        check_fraction(self, "warmup_ratio")
+        check_at_most(self, "micro_batch_size", "minibatch_size")
 
     @classmethod
     def cpu_tiny(cls) -> "RLOOConfig":
@@ -115,6 +112,7 @@ class RLOO:
     """REINFORCE Leave-One-Out."""
 
     name = "rloo"
+    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
 
     def __init__(self, config: RLOOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
@@ -128,6 +126,14 @@ class RLOO:
             clip_eps=config.clip_eps, kl_coef=0.0, temperature=config.temperature, grad_clip=config.grad_clip,
             whiten_advantages=False, pg_aggregation=config.aggregation,
         )
+
+    def state_dict(self) -> dict:
+        """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx
@@ -146,7 +152,7 @@ class RLOO:
         advantages = core.leave_one_out_advantages(rewards).flatten().tolist()
         per_token = [[a] * len(e.response_ids) for a, e in zip(advantages, episodes)]
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,
-                              self.settings, ctx.pad_token_id, ctx.generator)
+                              self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
         ctx.sampler.update_weights(ctx.policy)
         t2 = time.perf_counter()
         metrics = episode_metrics(episodes)

@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 
 from algos import core
+from algos.config_checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                 check_top_p, check_types)
 from algos.policy import batch_sequences, response_logprobs
 from algos.trainer import TrainContext, make_optimizer
 
@@ -47,13 +49,16 @@ class SFTControlConfig:
     """Nucleus mass of the trainer's sampled evaluation."""
 
     def __post_init__(self) -> None:
-        for name in ("prompts_per_iteration", "steps_per_iteration", "learning_rate", "grad_clip",
-                     "micro_batch_size", "max_new_tokens", "temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1 or not 0 < self.top_p <= 1:
-            raise ValueError(f"expected weight_decay >= 0, warmup_ratio in [0, 1), top_p in (0, 1]; got "
-                             f"{self.weight_decay}, {self.warmup_ratio}, {self.top_p}")
+        """Raises TypeError / ValueError naming ``SFTControlConfig.<field>`` (see `algos.config_checks`)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("prompts_per_iteration", "steps_per_iteration", "learning_rate", "grad_clip",
+                              "micro_batch_size", "max_new_tokens", "temperature"))
+        check_non_negative(self, ("weight_decay",))
+        check_fraction(self, "warmup_ratio")
+        check_top_p(self)
+        # more steps than problems would leave empty batches while the LR schedule counts them
+        check_at_most(self, "steps_per_iteration", "prompts_per_iteration")
 
     @classmethod
     def cpu_tiny(cls) -> "SFTControlConfig":
@@ -72,6 +77,14 @@ class SFTControl:
             ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio,
             total_steps=config.steps_per_iteration * total_iterations,
         )
+
+    def state_dict(self) -> dict:
+        """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx

@@ -33,7 +33,8 @@ from langenv.tasks.base import Task, make_task
 
 from algos.checkpoint import (Checkpoint, CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                               state_fingerprint)
-from algos.policy import clone_reference, load_policy
+from algos.distributed import Dist, current as current_dist
+from algos.policy import check_model_source, clone_reference, load_policy
 from algos.rollout import collect_episodes
 from algos.sampling import HFSampler, Sampler, SamplingParams
 
@@ -115,6 +116,9 @@ class RunConfig:
             raise ValueError(f"stop_after: expected >= 1 or None, got {self.stop_after}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints: expected >= 1, got {self.keep_checkpoints}")
+        from algos.config_checks import check_run_config
+
+        check_run_config(self)
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: resume continues the run, overwrite "
                              "deletes it")
@@ -132,14 +136,18 @@ class TrainContext:
     tokenizer: Any
     seed: int
     generator: torch.Generator = field(default_factory=torch.Generator)
+    dist: Dist = field(default_factory=Dist)
+    """This process's data-parallel group (world size 1 unless launched with accelerate/torchrun)."""
 
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
     def seed_for(self, iteration: int, purpose: str) -> int:
-        """A distinct, reproducible seed per (run seed, iteration, purpose)."""
-        return int(np.random.SeedSequence([self.seed, iteration, sum(map(ord, purpose))]).generate_state(1)[0])
+        """A distinct, reproducible seed per (run seed, iteration, purpose), and per rank when
+        several processes train together."""
+        key = [self.seed, iteration, sum(map(ord, purpose))] + ([self.dist.rank] if self.dist.world_size > 1 else [])
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 class Algorithm(Protocol):
@@ -228,7 +236,8 @@ def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:
 
 
 def _prepare_out(run: RunConfig, algo_name: str) -> Path:
-    """The run directory, checked before anything slow happens.
+    """The run directory, checked (and created if missing, but nothing written into it) before
+    anything slow happens.
 
     Raises:
         FileExistsError: it already holds a run (metrics.jsonl) and neither ``--resume`` nor
@@ -254,13 +263,17 @@ def _prepare_out(run: RunConfig, algo_name: str) -> Path:
         raise PermissionError(f"run directory {out} cannot be created: {exc.strerror}") from exc
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"run directory {out} is not writable")
-    if run.resume is None:
-        for name in ("metrics.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "final"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        (out / "metrics.jsonl").write_text("")
     return out
+
+
+def _start_out(out: Path) -> None:
+    """Clear what an earlier run left in ``out`` (``--overwrite``) and start an empty metrics file;
+    called only once the model, tokenizer and prompts have passed their checks."""
+    for name in ("metrics.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "final"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "metrics.jsonl").write_text("")
 
 
 def _save(model, tokenizer, path: Path) -> None:
@@ -393,10 +406,14 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
     task = make_task(run.task)
-    out = _prepare_out(run, algo_name)
+    if run.model != "tiny":
+        check_model_source(run.model)
+    dist = current_dist()
+    out = _on_main_first(dist, lambda: _prepare_out(run, algo_name), share=True)
+    main_process = dist.is_main
     config_dump = {"algorithm": algo_name, "run": _jsonable(run), "algo": _jsonable(algo_config)}
     resume = load_checkpoint(out) if run.resume is not None else None
-    if resume is not None:
+    if resume is not None and main_process:
         saved = json.loads((out / "config.json").read_text())
         if saved.get("algorithm") != algo_name:
             raise ValueError(f"--resume {out}: the run was {saved.get('algorithm')!r}, not {algo_name!r}")
@@ -405,10 +422,9 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         if changed:
             print(f"[langenv] warning: resuming {out} with changed settings (the continuation is not exact): "
                   + "; ".join(changed), file=sys.stderr)
-    (out / "config.json").write_text(json.dumps(config_dump, indent=2))
     _seed_everything(run.seed)
 
-    policy, tokenizer = load_model(run, task)
+    policy, tokenizer = _on_main_first(dist, lambda: load_model(run, task))  # rank 0 builds the tiny cache
     threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -418,15 +434,24 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     context = getattr(policy.config, "max_position_embeddings", None)
     env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
     eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
+    eval_problems = eval_env.problems[: run.eval_problems or None]
+    env.check_prompt_lengths()
+    eval_env.check_prompt_lengths(eval_problems)
+    if main_process:
+        if resume is None:
+            _start_out(out)
+        (out / "config.json").write_text(json.dumps(config_dump, indent=2))
     if run.canary_problems:
         from langenv.canary import check_canary
 
         check_canary(env, count=run.canary_problems)
     sampler = _make_sampler(run, policy, tokenizer, context, out)
-    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed)
+    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist)
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
-    eval_problems = eval_env.problems[: run.eval_problems or None]
+    if dist.world_size > 1 and not getattr(algorithm, "supports_distributed", False):
+        raise ValueError(f"algo:{algo_name} does not support multi-process training (world size {dist.world_size}); "
+                         f"run it in one process, or use vineppo, ppo, grpo or rloo")
 
     def run_eval(iteration: int) -> dict[str, float]:
         t = time.perf_counter()
@@ -456,12 +481,15 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
             algorithm.load_state_dict(resume.algorithm_state())
         sampler.update_weights(policy)
         state.update({k: saved_state[k] for k in state})
-        metrics_rows = _read_metrics(out / "metrics.jsonl", state["iteration"])
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics_rows))
+        if main_process:
+            metrics_rows = _read_metrics(out / "metrics.jsonl", state["iteration"])
+            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics_rows))
         set_rng_state(saved_state["rng"], {"ctx": ctx.generator})
         print(f"[langenv] resuming {out} from {resume.path.name} (iteration {state['iteration']} of {run.iterations})")
 
-    def checkpoint(done: int) -> Checkpoint:
+    def checkpoint(done: int) -> Checkpoint | None:
+        if not main_process:
+            return None
         trainer_state = {**state, "rng": rng_state({"ctx": ctx.generator}), "reference_fingerprint": reference_fingerprint}
         return save_checkpoint(
             out / "checkpoints", done, keep=run.keep_checkpoints,
@@ -471,17 +499,18 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
             save_extra=getattr(algorithm, "save", None),
         )
 
-    wandb_run = _init_wandb(run, out, config_dump, algo_name, state["wandb_id"])
+    wandb_run = _init_wandb(run, out, config_dump, algo_name, state["wandb_id"]) if main_process else None
     state["wandb_id"] = getattr(wandb_run, "id", None)
     start = time.perf_counter() - state["elapsed"]
     totals = state["totals"]
     if state["before"] is None:
-        state["before"] = state["last_eval"] = run_eval(0)
+        state["before"] = state["last_eval"] = run_eval(0) if main_process else {}
     before = state["before"]
-    print(f"[langenv] {algo_name} on {run.task}: accuracy before training {before['eval/accuracy']:.3f} "
-          f"({len(eval_problems)} test problems x {run.eval_samples})")
+    if main_process:
+        print(f"[langenv] {algo_name} on {run.task}: accuracy before training {before['eval/accuracy']:.3f} "
+              f"({len(eval_problems)} test problems x {run.eval_samples})")
     stop_at = min(run.iterations, state["iteration"] + run.stop_after) if run.stop_after else run.iterations
-    with open(out / "metrics.jsonl", "a") as metrics_file, _StopRequests() as stop:
+    with open(out / "metrics.jsonl" if main_process else os.devnull, "a") as metrics_file, _StopRequests() as stop:
         def log(metrics: dict[str, Any]) -> None:
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
@@ -493,13 +522,16 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         for it in tqdm(range(state["iteration"], stop_at), desc=f"{algo_name} iterations", unit="it",
                        initial=state["iteration"], total=run.iterations):
             problems = select_prompts(env.problems, algo_config.prompts_per_iteration, run.seed, it)
-            metrics = algorithm.iteration(problems, it)
+            metrics = _combine_ranks(dist, algorithm.iteration(dist.shard(problems), it))
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
             done = it + 1
-            if (run.eval_every and done % run.eval_every == 0) or done == run.iterations:
+            if ((run.eval_every and done % run.eval_every == 0) or done == run.iterations) and main_process:
                 state["last_eval"] = run_eval(done)
                 metrics.update(state["last_eval"])
+            signum = int(dist.all_reduce_sum(torch.tensor([float(stop.signum or 0)])).item()) if dist.world_size > 1 \
+                else stop.signum
+            stop.signum = signum or None
             state["nonfinite_streak"] = _nonfinite_streak(state["nonfinite_streak"], metrics)
             state["iteration"], state["elapsed"] = done, time.perf_counter() - start
             log({"iteration": done, **metrics, **totals, "nonfinite/streak": float(state["nonfinite_streak"]),
@@ -512,12 +544,16 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
             if (stop.signum is not None or (run.save_every and done % run.save_every == 0) or done == stop_at):
                 ckpt = checkpoint(done)
             if stop.signum is not None:
+                if not main_process:
+                    raise TrainingInterrupted(128 + stop.signum)
                 name = signal.Signals(stop.signum).name
                 print(f"[langenv] stopped by {name} after iteration {done}; checkpoint {ckpt.path}; continue with "
                       f"--resume {out}", file=sys.stderr, flush=True)
                 if wandb_run is not None:
                     wandb_run.finish(exit_code=128 + stop.signum)
                 raise TrainingInterrupted(128 + stop.signum)
+    if not main_process:
+        return {"out": str(out), "algorithm": algo_name, "iterations": state["iteration"], "rank": dist.rank}
     if wandb_run is not None and state["iteration"] < run.iterations:
         wandb_run.finish()
     if state["iteration"] < run.iterations:
@@ -545,6 +581,45 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     print(f"[langenv] outputs: {out}/ (config.json, metrics.jsonl, summary.json, final/ model in Hugging Face format, "
           f"checkpoints/)")
     return summary
+
+
+def _on_main_first(dist: Dist, fn: Callable[[], Any], share: bool = False) -> Any:
+    """``fn()`` on rank 0 first (it may create files the others then read), then on the other
+    ranks — or, with ``share``, rank 0's result sent to them instead. With one process just
+    ``fn()``. An error on rank 0 is raised on every rank."""
+    if dist.world_size == 1:
+        return fn()
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised on every rank below
+            error = exc
+    failed, shared = dist.broadcast_object((None if error is None else f"{type(error).__name__}: {error}",
+                                            result if share else None))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 failed during setup: {failed}")
+    if dist.is_main:
+        return result
+    return shared if share else fn()
+
+
+def _combine_ranks(dist: Dist, metrics: dict[str, float]) -> dict[str, float]:
+    """One metrics row for the whole group: counts (``tokens/``, ``grading/``) summed over ranks,
+    everything else averaged (ranks hold equal shards; ``update/`` statistics are already global)."""
+    if dist.world_size == 1:
+        return metrics
+    rows = dist.all_gather_object(metrics)
+    combined = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if key in r]
+        if key.startswith(("tokens/", "grading/")):
+            combined[key] = float(sum(values))
+        else:
+            combined[key] = float(sum(values) / len(values))
+    return combined
 
 
 def _seed_everything(seed: int) -> None:

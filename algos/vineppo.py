@@ -29,6 +29,8 @@ from langenv.state import EnvState
 from langenv.steps import step_char_offsets
 
 from algos.actor import ActorSettings, actor_update
+from algos.config_checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                 check_top_p, check_types)
 from algos.rollout import Episode, collect_episodes, continue_states, episode_metrics
 from algos.sampling import SamplingParams
 from algos.trainer import TrainContext, make_optimizer
@@ -76,22 +78,17 @@ class VinePPOConfig:
     """Whiten advantages over each mini-batch's response tokens."""
 
     def __post_init__(self) -> None:
-        positive = ("prompts_per_iteration", "samples_per_prompt", "mc_rollouts", "max_new_tokens",
-                    "epochs", "minibatch_size", "micro_batch_size", "learning_rate", "clip_eps", "grad_clip")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if not 0 < self.temperature:
-            raise ValueError(f"temperature: expected > 0 (training log-probs divide by it), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected in (0, 1], got {self.top_p}")
-        if self.kl_coef < 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
-            raise ValueError(
-                f"expected kl_coef >= 0, weight_decay >= 0, 0 <= warmup_ratio < 1; got "
-                f"{self.kl_coef}, {self.weight_decay}, {self.warmup_ratio}"
-            )
-        if self.max_step_for_value_estimation is not None and self.max_step_for_value_estimation < 0:
-            raise ValueError(f"max_step_for_value_estimation: expected >= 0 or None, got {self.max_step_for_value_estimation}")
+        """Raises TypeError / ValueError naming ``VinePPOConfig.<field>`` (see `algos.config_checks`)."""
+        check_types(self)
+        check_finite(self)
+        # temperature > 0: the training log-probs divide the logits by it
+        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "mc_rollouts", "max_new_tokens",
+                              "epochs", "minibatch_size", "micro_batch_size", "learning_rate", "clip_eps",
+                              "grad_clip", "temperature"))
+        check_non_negative(self, ("kl_coef", "weight_decay", "max_step_for_value_estimation"))
+        check_top_p(self)
+        check_fraction(self, "warmup_ratio")
+        check_at_most(self, "micro_batch_size", "minibatch_size")
 
     @classmethod
     def cpu_tiny(cls) -> "VinePPOConfig":
@@ -173,6 +170,7 @@ class VinePPO:
     """The VinePPO algorithm: MC value estimates from restored prefix states + the PPO actor update."""
 
     name = "vineppo"
+    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
 
     def __init__(self, config: VinePPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
@@ -187,6 +185,14 @@ class VinePPO:
             grad_clip=config.grad_clip, whiten_advantages=config.whiten_advantages,
         )
 
+    def state_dict(self) -> dict:
+        """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx
         timings: dict[str, float] = {}
@@ -199,7 +205,7 @@ class VinePPO:
         t2 = time.perf_counter()
         advantages = [token_advantages(layout, v, e.reward) for e, layout, v in zip(episodes, layouts, values)]
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, advantages,
-                              self.actor, ctx.pad_token_id, ctx.generator)
+                              self.actor, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
         ctx.sampler.update_weights(ctx.policy)
         t3 = time.perf_counter()
         n_steps = [len(l.boundaries) for l in layouts]

@@ -70,7 +70,14 @@ PAPER_MODELS = {
 
 
 def paper_vineppo(model: str, task: str):
-    """The paper's VinePPO run for a model ("rho1b", "deepseek7b") and task ("gsm8k", "math")."""
+    """The paper's VinePPO run for a model ("rho1b", "deepseek7b") and task ("gsm8k", "math").
+
+    Raises:
+        ValueError: an unknown model or task; the message lists the valid pairs.
+    """
+    if (model, task) not in PAPER_MODELS:
+        valid = ", ".join(f"({m!r}, {t!r})" for m, t in PAPER_MODELS)
+        raise ValueError(f"paper_vineppo: unknown (model, task) {(model, task)!r}; valid: {valid}")
     run = replace(
         RunConfig(), task=task, model=PAPER_MODELS[(model, task)], iterations=650 if task == "gsm8k" else 1000,
         eval_every=10, eval_problems=0, eval_samples=16, eval_temperature=0.35, save_every=10, device="cuda",

@@ -22,8 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tyro  # noqa: E402
 
-from algos.config_checks import check_run_config  # noqa: E402
-from algos.policy import check_model_source  # noqa: E402
 from algos.trainer import RunConfig, train  # noqa: E402
 from experiments.presets import ALGORITHMS, COMMANDS, paper_vineppo  # noqa: E402
 
@@ -48,25 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         command = _resume_command(argv, _resume_dir(argv))
     else:
         command = tyro.cli(Command, args=argv, config=(tyro.conf.OmitArgPrefixes,))
-    preflight(command)
     entry = type(command).entry
     return train(command.run, entry.name, command.algo, entry.build)
-
-
-def preflight(command) -> None:
-    """Checks that need nothing loaded, run before `train` writes anything to the run directory.
-
-    The run settings (`algos.config_checks.check_run_config`: types, finiteness, evaluation and
-    sampler settings) and the model source (`algos.policy.check_model_source`: a local path must
-    be a saved model; hub ids are not looked up). The run directory itself is checked by the
-    trainer (`_prepare_out`).
-
-    Raises:
-        TypeError / ValueError / FileNotFoundError: naming the field, value or path.
-    """
-    check_run_config(command.run)
-    if command.run.model != "tiny":
-        check_model_source(command.run.model)
 
 
 def _resume_dir(argv: list[str]) -> Path | None:

@@ -57,7 +57,10 @@ class LanguageEnv(gym.Env):
         grading_timeout_s: hard wall-clock limit per grading check (seconds).
 
     Raises:
-        ValueError: if the tokenizer has no EOS token, or a prompt does not fit the context.
+        ValueError: the tokenizer has no EOS token; ``max_new_tokens`` or ``max_context`` is not a
+            positive int; the split is unknown to the task or empty; two problems of the split share
+            an id. A prompt that does not fit ``max_context`` raises when its episode starts
+            (`initial_state`); `check_prompt_lengths` checks a whole split up front.
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -76,8 +79,12 @@ class LanguageEnv(gym.Env):
             raise ValueError("tokenizer: expected a Hugging Face tokenizer, got None")
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; set eos_token first")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        if max_context is not None and (
+            isinstance(max_context, bool) or not isinstance(max_context, (int, np.integer)) or max_context < 2
+        ):
+            raise ValueError(f"max_context: expected None or an int >= 2 (prompt plus response tokens), got {max_context!r}")
         self.task: Task = make_task(task) if isinstance(task, str) else task
         self.tokenizer = tokenizer
         self.split = split
@@ -88,20 +95,56 @@ class LanguageEnv(gym.Env):
         self.problems: Sequence[Problem] = self.task.load(split)
         if len(self.problems) == 0:
             raise ValueError(f"task {self.task.name!r} split {split!r} has no problems")
+        seen: set[str] = set()
+        for problem in self.problems:
+            if problem.id in seen:
+                raise ValueError(
+                    f"task {self.task.name!r} split {split!r}: problem id {problem.id!r} is used twice; "
+                    "expected unique ids (states, caches and logs identify problems by id)"
+                )
+            seen.add(problem.id)
         vocab = len(tokenizer)
         self.observation_space = spaces.Sequence(spaces.Discrete(vocab), stack=True)
         self.action_space = spaces.Sequence(spaces.Discrete(vocab), stack=True)
-        self._prompt_cache: dict[str, tuple[int, ...]] = {}
+        self._prompt_cache: dict[tuple[str, str], tuple[int, ...]] = {}
         self._state: EnvState | None = None
 
     # ----------------------------------------------------------------- states
     def prompt_ids(self, problem: Problem) -> tuple[int, ...]:
         """Token ids of a problem's prompt (with BOS if the tokenizer adds one), cached."""
-        ids = self._prompt_cache.get(problem.id)
+        key = (problem.id, problem.question)  # the question too: a problem from elsewhere may reuse an id
+        ids = self._prompt_cache.get(key)
         if ids is None:
             ids = tuple(self.tokenizer(self.task.prompt(problem)).input_ids)
-            self._prompt_cache[problem.id] = ids
+            self._prompt_cache[key] = ids
         return ids
+
+    def _check_prompt_fits(self, problem: Problem, prompt: Sequence[int]) -> None:
+        if self.max_context is not None and self.max_context - len(prompt) < 1:
+            raise ValueError(
+                f"problem {problem.id}: prompt is {len(prompt)} tokens, which leaves no room for a response in a "
+                f"context of {self.max_context} tokens (limit: prompts of at most {self.max_context - 1} tokens)"
+            )
+
+    def check_prompt_lengths(self, problems: Sequence[Problem] | None = None) -> int:
+        """Check up front that every prompt leaves room for a response within ``max_context``.
+
+        Tokenizes (and caches) the prompts of ``problems`` (default: the whole split). Call it
+        before writing any output, so a too-long prompt fails a run at start instead of mid-way.
+
+        Returns:
+            The longest prompt, in tokens (0 for no problems).
+
+        Raises:
+            ValueError: naming the first problem whose prompt is too long, its token length and the
+                limit.
+        """
+        longest = 0
+        for problem in self.problems if problems is None else problems:
+            prompt = self.prompt_ids(problem)
+            self._check_prompt_fits(problem, prompt)
+            longest = max(longest, len(prompt))
+        return longest
 
     def initial_state(self, problem: Problem) -> EnvState:
         """The state at the start of an episode on ``problem`` (empty response).
@@ -110,14 +153,10 @@ class LanguageEnv(gym.Env):
             ValueError: if the prompt leaves no room for a response within ``max_context``.
         """
         prompt = self.prompt_ids(problem)
+        self._check_prompt_fits(problem, prompt)
         budget = self.max_new_tokens
         if self.max_context is not None:
             budget = min(budget, self.max_context - len(prompt))
-            if budget < 1:
-                raise ValueError(
-                    f"problem {problem.id}: prompt is {len(prompt)} tokens, which leaves no room for a "
-                    f"response in a context of {self.max_context} tokens"
-                )
         return EnvState(
             problem=problem,
             prompt_ids=prompt,

@@ -116,10 +116,13 @@ def load_split(dataset: str, split: str, source: str | None = None) -> "datasets
         copy of the cached Dataset.
 
     Raises:
-        ValueError: unknown dataset or split (the message lists valid names); a malformed JSON line
-            (``file:line``); a missing or null required field (names the field and the file and
-            line); an empty dataset; a math solution without ``\\boxed{}`` when ``answer`` must be
-            derived.
+        ValueError: unknown dataset or split (the message lists valid names); a ``.gz`` file that
+            is not gzip, or bytes that are not UTF-8; a malformed JSON line or one that is not an
+            object (``file:line``); a missing, null or (question / problem) empty required field, or
+            one of the wrong type, e.g. a list as ``question`` (names the field and the file and
+            line); a repeated MATH ``unique_id``; an empty dataset; a math solution without ``\\boxed{}`` when ``answer``
+            must be derived. Nothing is handed to `datasets` (so nothing is cached on disk) before
+            a JSON file passes the line-by-line checks.
         FileNotFoundError: ``source`` looks like a path but does not exist, or a directory source
             has no file for ``split``; a packaged file is missing (broken install).
     """
@@ -181,24 +184,63 @@ def _resolve_local(source: str, split: str) -> Path | None:
     return None
 
 
-def _open_text(path: Path):
+def _read_text(path: Path) -> str:
+    """The file's text, gunzipped when its name ends in ``.gz``.
+
+    Raises:
+        ValueError: a ``.gz`` file that is not gzip data or is cut short; bytes that are not UTF-8
+            (``file:line``).
+    """
+    data = path.read_bytes()
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{path}: not a valid gzip file ({e}); expected gzip-compressed JSON Lines "
+                             "(or drop the .gz suffix for a plain file)") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                         "expected a UTF-8 JSON / JSON Lines file") from None
 
 
-def _scan_json(path: Path) -> list[int] | None:
+def _text_fields(dataset: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names (ours and their aliases) whose values must be strings, and those that may also be numbers."""
+    strings = set(_REQUIRED[dataset])
+    for ours in _REQUIRED[dataset]:
+        strings.update(_ALIASES[dataset].get(ours, ()))
+    numbers = ("answer",) if dataset == "math" else ()  # a bare math answer such as 5 is fine as a number
+    return tuple(sorted(strings - set(numbers))), numbers
+
+
+def _check_row(row: dict, dataset: str, where: str) -> None:
+    strings, numbers = _text_fields(dataset)
+    for name, value in row.items():
+        if value is None:
+            continue  # reported as missing later, with the other missing-field cases
+        if name in strings and not isinstance(value, str):
+            raise ValueError(f"{where}: field {name!r}: expected a string, got {type(value).__name__} {value!r:.80}")
+        if name in numbers and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ValueError(
+                f"{where}: field {name!r}: expected a string or a number, got {type(value).__name__} {value!r:.80}"
+            )
+
+
+def _scan_json(path: Path, dataset: str) -> list[int] | None:
     """Check a JSON / JSON Lines file line by line before `datasets` reads it.
 
     Returns the 1-based line number of each row of a JSON Lines file (blank lines are skipped by
     `datasets` too), so later errors about row ``i`` can name ``file:line``; None for a JSON array.
 
     Raises:
-        ValueError: a line that is not valid JSON or not a JSON object (``file:line``), or a file
-            with no rows.
+        ValueError: a file that is not (gzip-compressed) UTF-8 text; a line that is not valid JSON
+            or not a JSON object (``file:line``); a field of ours (or an alias of one) whose value
+            has the wrong type, e.g. a number or a list as ``question`` (``file:line``); a file with
+            no rows.
     """
-    with _open_text(path) as f:
-        text = f.read()
+    text = _read_text(path)
     stripped = text.lstrip()
     if not stripped:
         raise ValueError(f"{path}: empty dataset (the file has no rows)")
@@ -212,9 +254,11 @@ def _scan_json(path: Path) -> list[int] | None:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}: row {i} is a JSON {type(row).__name__}, expected an object")
+            _check_row(row, dataset, f"{path} (row {i})")
         return None  # no line numbers for a JSON array: errors name the row index
     lines: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines also breaks at U+2028 and friends, which JSON allows inside strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -223,6 +267,7 @@ def _scan_json(path: Path) -> list[int] | None:
             raise ValueError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        _check_row(row, dataset, f"{path}:{lineno}")
         lines.append(lineno)
     return lines
 
@@ -318,6 +363,23 @@ def _normalise(ds: "datasets.Dataset", dataset: str, where: str, lines: list[int
             raise ValueError(f"{locate(first)}: missing required field {field!r} (null or absent)")
         if ds.features[field] != datasets.Value("string"):
             ds = ds.cast_column(field, datasets.Value("string"))
+
+    prompt_field = "question" if dataset == "gsm8k" else "problem"
+    for i, text in enumerate(ds[prompt_field]):
+        if not text.strip():
+            raise ValueError(f"{locate(i)}: missing required field {prompt_field!r} (empty string)")
+    if "unique_id" in ds.column_names:
+        first_row: dict[str, int] = {}
+        for i, uid in enumerate(ds["unique_id"]):
+            if uid is None:
+                continue
+            key = str(uid)
+            if key in first_row:
+                raise ValueError(
+                    f"{locate(i)}: field 'unique_id': {uid!r} already used by {locate(first_row[key])}; "
+                    "expected unique ids (problems are identified by them)"
+                )
+            first_row[key] = i
     return ds
 
 
@@ -336,7 +398,7 @@ def _read_with_datasets(path: Path) -> "datasets.Dataset":
 
 
 def _load_local(dataset: str, path: Path) -> "datasets.Dataset":
-    lines = None if path.name.endswith(".parquet") else _scan_json(path)
+    lines = None if path.name.endswith(".parquet") else _scan_json(path, dataset)
     ds = _read_with_datasets(path)
     return _normalise(ds, dataset, str(path), lines)
 

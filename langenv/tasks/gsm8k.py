@@ -53,9 +53,21 @@ class GSM8KTask:
 
 @lru_cache(maxsize=16)
 def _load(split: str, source: str | None) -> list[Problem]:
+    """Problems of a split.
+
+    Raises:
+        ValueError: the errors of `load_split`; a row whose ``answer`` has no ``####`` line, from
+            which the final answer is read (naming the source, the row and the value).
+    """
     rows = load_split("gsm8k", split, source=source)
     problems = []
     for i, row in enumerate(rows):
+        if "####" not in row["answer"]:
+            where = f"gsm8k source {source!r}" if source is not None else "packaged gsm8k data"
+            raise ValueError(
+                f"{where}, split {split!r}, row {i} (0-based): field 'answer': expected a GSM8K solution ending in "
+                f"'#### <final answer>', got {row['answer']!r:.80}"
+            )
         rationale = strip_calculator(row["answer"])
         answer = rationale.rsplit("####", 1)[-1].strip()
         problems.append(Problem(id=f"gsm8k/{split}/{i}", question=row["question"], solution=rationale, answer=answer))

@@ -1,0 +1,527 @@
+"""A sampler built for Monte-Carlo rollouts: many continuations of few (often long) prefixes.
+
+`PrefixSharingSampler` implements the `algos.sampling.Sampler` protocol with exactly the fields and
+conventions of `HFSampler` (see `algos.sampling`: log-prob ``log_softmax(logits / T)`` at the
+chosen token without top-p renormalisation, plain ``log_softmax`` for greedy; finish reasons
+``"stop"`` / ``"length"``; stop strings searched in the generated text only, text cut before them;
+the context cap; the same errors), but runs its own decode loop on the model's forward pass with a
+`transformers.DynamicCache` instead of `generate`:
+
+1. **One prefill per distinct prompt.** VinePPO asks for K continuations of every step-boundary
+   prefix (McGill-NLP/VinePPO, episode_generators/math_episode_generator_with_mc_advantages.py);
+   `generate` with rows expanded to (prompt x n) encodes each prefix K times. Here distinct prompts
+   (identical prompts in one call are merged) are prefilled once, in length buckets with left
+   padding, and the KV cache is expanded to the rows by an index select on the batch dimension
+   (`DynamicCache.batch_select_indices` with repeated indices, i.e. ``keys[index]``; transformers
+   5.23 `cache_utils.DynamicLayer`). The first token of every row is sampled from the prefill's
+   last-position logits, so expansion costs no forward pass.
+2. **Finished rows leave the batch.** A row that emits EOS, completes a stop string or reaches its
+   own cap is removed from the running batch (cache, attention mask, positions), so the remaining
+   steps cost only the live rows. `generate` keeps computing finished rows until the whole batch
+   is done.
+3. **No per-row Python in the hot loop.** Temperature, top-p (transformers'
+   `TemperatureLogitsWarper` / `TopPLogitsWarper`), the multinomial draw, the log-prob gather and
+   the EOS / cap checks are batched tensor ops. Stop strings are checked only for rows whose new
+   token could complete one: a boolean vocabulary mask, computed once per (stop strings, vocab
+   size), marks tokens whose text contains the last character of a stop string (or could: U+FFFD,
+   empty text, ids the tokenizer does not know); only those rows decode their tail window.
+
+Rows (prompt x sample) are run in chunks of at most ``max_batch_size`` sequences. With a seed, a
+`torch.Generator` owned by the call draws every sample; the global RNG is never touched. As with
+`HFSampler`, a row's sample depends on the batch it was drawn with (same seed, same prompts and
+same weights give identical completions; the same prompt inside another call need not).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from algos.sampling import Completion, SamplingParams
+
+__all__ = ["PrefixSharingSampler", "SamplerStats", "stop_candidate_mask"]
+
+
+@dataclass
+class SamplerStats:
+    """Work done by the last `PrefixSharingSampler.generate` call (counts, not seconds).
+
+    Attributes:
+        prompts: prompts asked for.
+        unique_prompts: distinct prompts, each prefilled exactly once.
+        prefill_calls: forward passes over prompts (one per length bucket).
+        prefill_tokens: token positions run in prefill, padding included.
+        decode_calls: single-token forward passes.
+        decode_rows: row-steps run in decode (sum over decode calls of the batch size).
+        generated_tokens: tokens returned (after cutting at EOS / stop strings).
+        stop_checks: tail-window decodes run to confirm a possible stop string.
+    """
+
+    prompts: int = 0
+    unique_prompts: int = 0
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
+    decode_calls: int = 0
+    decode_rows: int = 0
+    generated_tokens: int = 0
+    stop_checks: int = 0
+    buckets: list[int] = field(default_factory=list)
+
+
+def stop_candidate_mask(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> torch.Tensor:
+    """Which token ids could complete one of ``stop_strings`` when appended to a generated text.
+
+    A token is a candidate when its decoded text (alone, and after a plain reference token, to
+    catch tokenizers that strip a leading space from the first token of a text) contains the last
+    character of some stop string, contains U+FFFD (an incomplete UTF-8 sequence that a later byte
+    can turn into any character), decodes to nothing although it is not a special token, or is an
+    id the tokenizer does not know (a model vocabulary padded past ``len(tokenizer)``). Special
+    tokens decode to nothing with ``skip_special_tokens=True`` and are not candidates.
+
+    The assumption (shared with `HFSampler`'s stop-string cut) is that decoding is append-monotone:
+    the text of ``ids + [t]`` extends the text of ``ids`` by what ``t`` contributes, up to
+    incomplete trailing bytes. Under it, a token that is not a candidate cannot complete a stop
+    string, so skipping the check for it never changes the result.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        stop_strings: non-empty strings.
+        vocab_size: the model's vocabulary size (the last dimension of its logits).
+
+    Returns:
+        (vocab_size,) bool tensor on the CPU.
+    """
+    lasts = {s[-1] for s in stop_strings}
+    known = min(vocab_size, len(tokenizer))
+    mask = torch.ones(vocab_size, dtype=torch.bool)  # unknown ids stay candidates
+    ids = list(range(known))
+    alone = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+    ref_ids = tokenizer.encode("a", add_special_tokens=False)[:1] or [ids[-1]]
+    ref_text = tokenizer.decode(ref_ids, skip_special_tokens=True)
+    paired = tokenizer.batch_decode([ref_ids + [i] for i in ids], skip_special_tokens=True)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def could_complete(text: str) -> bool:
+        return text == "" or "\ufffd" in text or any(c in text for c in lasts)
+
+    for i, (a, p) in enumerate(zip(alone, paired)):
+        tail = p[len(ref_text):] if p.startswith(ref_text) else p  # not a clean extension: check it all
+        if i in special and a == "" and tail == "":
+            mask[i] = False
+        else:
+            mask[i] = could_complete(a) or could_complete(tail)
+    return mask
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` that writes new keys/values into a preallocated buffer instead of
+    concatenating (transformers 5.23 `DynamicLayer.update` is ``torch.cat([keys, new], dim=-2)``,
+    a full copy of the layer's cache every step).
+
+    Buffers: (B, heads, capacity, d); ``keys`` / ``values`` are views of the first ``length``
+    positions, what attention reads. The buffer grows by half its size (at most to ``limit``
+    positions) when full. Only plain full-attention layers are replaced by this one; sliding-window
+    or other layer types keep their own class.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, reserve: int, limit: int):
+        super().__init__()
+        length = keys.shape[-2]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self.length, self.limit = length, max(limit, length)
+        capacity = min(self.limit, length + reserve)
+        self._k = keys.new_empty((index.numel(), keys.shape[1], capacity, keys.shape[3]))
+        self._v = values.new_empty((index.numel(), values.shape[1], capacity, values.shape[3]))
+        self._k[:, :, :length] = keys[index]
+        self._v[:, :, :length] = values[index]
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._k[:, :, : self.length]
+        self.values = self._v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.length + n > self._k.shape[2]:
+            capacity = max(self.length + n, min(self.limit, self._k.shape[2] * 3 // 2))
+            grow = capacity - self._k.shape[2]
+            self._k = torch.cat([self._k, self._k.new_empty(self._k.shape[:2] + (grow, self._k.shape[3]))], dim=2)
+            self._v = torch.cat([self._v, self._v.new_empty(self._v.shape[:2] + (grow, self._v.shape[3]))], dim=2)
+        self._k[:, :, self.length: self.length + n] = key_states
+        self._v[:, :, self.length: self.length + n] = value_states
+        self.length += n
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k = self._k.repeat_interleave(repeats, dim=0)
+        self._v = self._v.repeat_interleave(repeats, dim=0)
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop: expected a negative count of tokens to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
+        self._views()
+
+    def reset(self) -> None:
+        self.length = 0
+        self._views()
+
+
+def _expand_cache(cache: DynamicCache, index: torch.Tensor, reserve: int, limit: int) -> DynamicCache:
+    """A cache for the rows ``index`` (B,) of ``cache`` (U rows): row b holds prompt ``index[b]``.
+
+    Plain `DynamicLayer` layers become `_PreallocatedLayer` with room for ``reserve`` more
+    positions (``limit`` at most); other layer types are index-selected in place on a copy
+    (`DynamicCache.batch_select_indices`, which is ``keys[indices]``, so repeated indices expand).
+    ``cache`` itself is left unchanged.
+    """
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.get_seq_length() > 0:
+            out.layers.append(_PreallocatedLayer(layer.keys, layer.values, index, reserve, limit))
+        else:
+            other = copy.copy(layer)
+            other.batch_select_indices(index)
+            out.layers.append(other)
+    return out
+
+
+class PrefixSharingSampler:
+    """`Sampler` with one prefill per distinct prompt, finished-row dropping and batched sampling.
+
+    Args:
+        model: a causal LM (`PreTrainedModel`) whose forward takes ``attention_mask``,
+            ``position_ids``, ``past_key_values`` and ``use_cache``. Shared, not copied: the sampler
+            always uses its current weights; its train/eval mode is restored after each call.
+        tokenizer: its tokenizer; must have an EOS token. PAD falls back to EOS.
+        max_batch_size: most sequences (rows = prompt x sample) decoded together.
+        max_context: most tokens of prompt + completion. ``None`` means the model's
+            ``config.max_position_embeddings`` when it has one, else no cap.
+        bucket_slack: a prompt joins a prefill bucket (sorted longest first) while its left
+            padding is at most ``max(8, bucket_slack * longest)`` tokens, where ``longest`` is the
+            bucket's longest prompt (tokens); larger values mean fewer, fuller batches and more
+            attention over padding. ``inf`` puts all prompts in as few buckets as the batch size
+            allows.
+
+    Raises:
+        ValueError: a bad argument (named), or a tokenizer without EOS.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None,
+                 bucket_slack: float = 0.25, prealloc_tokens: int = 256):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size: expected an int >= 1, got {max_batch_size!r}")
+        if max_context is None:
+            max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        bad_context = isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1
+        if max_context is not None and bad_context:
+            raise ValueError(f"max_context: expected an int >= 1 or None, got {max_context!r}")
+        if isinstance(bucket_slack, bool) or not isinstance(bucket_slack, (int, float)) or not bucket_slack >= 0:
+            raise ValueError(f"bucket_slack: expected a number >= 0, got {bucket_slack!r}")
+        if isinstance(prealloc_tokens, bool) or not isinstance(prealloc_tokens, int) or prealloc_tokens < 1:
+            raise ValueError(f"prealloc_tokens: expected an int >= 1, got {prealloc_tokens!r}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "tokenizer has no EOS token (eos_token_id is None); PrefixSharingSampler needs one to stop sequences"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.bucket_slack = float(bucket_slack)
+        self.prealloc_tokens = prealloc_tokens
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+        self.stats = SamplerStats()
+        self._stop_masks: dict[tuple[tuple[str, ...], int, str], torch.Tensor] = {}
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def update_weights(self, model) -> None:
+        """Copy ``model``'s weights into the sampler's model (no-op when it is the same object)."""
+        if model is self.model:
+            return
+        self.model.load_state_dict(model.state_dict())
+
+    # ----------------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
+    ) -> list[list[Completion]]:
+        """Sample ``params.n`` completions per prompt; see `algos.sampling.Sampler.generate`.
+
+        Raises:
+            ValueError: an empty prompt, or a prompt longer than ``max_context`` (naming its
+                index, its length and the limit).
+        """
+        prompts = [[int(t) for t in p] for p in prompts]
+        caps = []
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. BOS)")
+            cap = params.max_new_tokens
+            if self.max_context is not None:
+                if len(p) > self.max_context:
+                    raise ValueError(
+                        f"prompt {i} has {len(p)} tokens, more than the context limit max_context={self.max_context}"
+                    )
+                cap = min(cap, self.max_context - len(p))
+            caps.append(cap)
+
+        # Distinct prompts; each owns the rows (i, j) of every occurrence i and sample j.
+        owner: dict[tuple[int, ...], int] = {}
+        unique: list[tuple[int, ...]] = []
+        rows_of: list[list[tuple[int, int]]] = []
+        for i, p in enumerate(prompts):
+            key = tuple(p)
+            u = owner.setdefault(key, len(unique))
+            if u == len(unique):
+                unique.append(key)
+                rows_of.append([])
+            rows_of[u].extend((i, j) for j in range(params.n))
+
+        self.stats = SamplerStats(prompts=len(prompts), unique_prompts=len(unique))
+        results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
+        live = []
+        for u, key in enumerate(unique):
+            if caps[rows_of[u][0][0]] == 0:  # the prompt fills the context exactly: nothing to generate
+                for i, j in rows_of[u]:
+                    results[i][j] = Completion([], [], "length", "")
+            else:
+                live.append(u)
+
+        was_training = self.model.training
+        self.model.eval()
+        device = self.model.device
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(int(seed))
+        try:
+            with torch.inference_mode():
+                for bucket in self._buckets([unique[u] for u in live], [len(rows_of[u]) for u in live]):
+                    us = [live[b] for b in bucket]
+                    self.stats.buckets.append(len(us))
+                    self._run_bucket([list(unique[u]) for u in us], [rows_of[u] for u in us],
+                                     [caps[rows_of[u][0][0]] for u in us], params, generator, results)
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------------------------------
+
+    def _buckets(self, prompts: list[tuple[int, ...]], rows: list[int]) -> list[list[int]]:
+        """Group prompt indices, longest first, into prefill buckets: padding bounded by
+        ``bucket_slack``, rows (samples of all prompts in the bucket) at most ``max_batch_size``
+        unless one prompt alone has more."""
+        order = sorted(range(len(prompts)), key=lambda u: -len(prompts[u]))
+        buckets: list[list[int]] = []
+        n_rows = 0
+        for u in order:
+            if buckets:
+                longest = len(prompts[buckets[-1][0]])
+                fits = n_rows + rows[u] <= self.max_batch_size
+                if fits and longest - len(prompts[u]) <= max(8.0, self.bucket_slack * longest):
+                    buckets[-1].append(u)
+                    n_rows += rows[u]
+                    continue
+            buckets.append([u])
+            n_rows = rows[u]
+        return buckets
+
+    def _prefill(self, prompts: list[list[int]]):
+        """One forward pass over left-padded ``prompts``.
+
+        Returns:
+            (cache, logits, mask, lengths): the DynamicCache of the U prompts (U, heads, W, d per
+            layer), float32 last-position logits (U, V), the attention mask (U, W) long and the
+            prompt lengths (U,) long (tokens), all on the model's device.
+        """
+        device = self.model.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):  # left padding
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        # positions count real tokens only; padding gets 0 (transformers `_prepare_position_ids_for_generation`)
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=self.model.config)
+        kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                         use_cache=True, **kwargs)
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += ids.numel()
+        logits = out.logits[:, -1, :].float()
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        return out.past_key_values, logits, mask, lengths
+
+    def _run_bucket(self, prompts, rows_of, caps, params: SamplingParams, generator, results) -> None:
+        """Prefill a bucket's prompts once, then decode their rows in chunks of ``max_batch_size``."""
+        cache, logits, mask, lengths = self._prefill(prompts)
+        device = logits.device
+        flat = [(u, r) for u, rs in enumerate(rows_of) for r in rs]  # (source prompt, (i, j))
+        chunks = [flat[k:k + self.max_batch_size] for k in range(0, len(flat), self.max_batch_size)]
+        for c, chunk in enumerate(chunks):
+            src = torch.tensor([u for u, _ in chunk], dtype=torch.long, device=device)
+            cap = torch.tensor([caps[u] for u, _ in chunk], dtype=torch.long, device=device)
+            # (U, heads, W, d) -> (rows, heads, W + room, d): repeated indices expand a prompt to its samples
+            steps = max(caps[u] for u, _ in chunk)
+            chunk_cache = _expand_cache(cache, src, reserve=min(steps, self.prealloc_tokens), limit=mask.shape[1] + steps)
+            outs = self._decode(chunk_cache, logits[src], mask[src], lengths[src], cap, params, generator)
+            for (_, (i, j)), comp in zip(chunk, outs):
+                results[i][j] = comp
+
+    def _stop_mask(self, stop_strings: tuple[str, ...], vocab_size: int, device) -> torch.Tensor:
+        key = (stop_strings, vocab_size, str(device))
+        if key not in self._stop_masks:
+            self._stop_masks[key] = stop_candidate_mask(self.tokenizer, stop_strings, vocab_size).to(device)
+        return self._stop_masks[key]
+
+    def _decode(self, cache, logits: torch.Tensor, mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                caps: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> list[Completion]:
+        """The decode loop for one chunk of B rows.
+
+        Args:
+            cache: DynamicCache already expanded to the B rows (B, heads, W, d per layer).
+            logits: (B, V) float32 next-token logits after the prompt.
+            mask: (B, W) long attention mask of the prompt (left padding).
+            prompt_lengths: (B,) long, tokens; the position of a row's first new token.
+            caps: (B,) long, most new tokens per row (>= 1).
+        Returns:
+            B completions, in row order.
+        """
+        device = logits.device
+        n_rows, vocab = logits.shape
+        max_steps = int(caps.max())
+        greedy = params.temperature == 0
+        temperature = TemperatureLogitsWarper(float(params.temperature)) if not greedy else None
+        top_p = TopPLogitsWarper(float(params.top_p)) if not greedy and params.top_p < 1.0 else None
+        stops = params.stop_strings
+        stop_mask = self._stop_mask(stops, vocab, device) if stops else None
+        window = 4 * max(len(s) for s in stops) + 8 if stops else 0  # as `HFSampler`'s windowed check
+
+        out_tok = torch.full((n_rows, max_steps), self.pad_id, dtype=torch.long, device=device)
+        out_lp = torch.zeros((n_rows, max_steps), dtype=torch.float32, device=device)
+        lengths = torch.zeros(n_rows, dtype=torch.long, device=device)  # generated tokens per row when done
+        window_hit: dict[int, int] = {}  # row -> step count at which its tail window showed a stop string
+        alive = torch.arange(n_rows, device=device)  # chunk rows still running, in batch order
+        position = prompt_lengths.clone()
+        row_caps = caps.clone()
+        fwd_kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}
+
+        for t in range(max_steps):
+            # ---- choose the next token of every live row (batched)
+            if greedy:
+                logp = torch.log_softmax(logits, dim=-1)
+                tok = logits.argmax(dim=-1)
+            else:
+                logp = torch.log_softmax(logits / params.temperature, dim=-1)
+                scores = temperature(None, logits)
+                if top_p is not None:
+                    scores = top_p(None, scores)
+                tok = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+            out_tok[alive, t] = tok
+            out_lp[alive, t] = logp.gather(1, tok[:, None]).squeeze(1)
+
+            # ---- which rows end here: EOS, own cap, stop string (only rows whose token could complete one)
+            done = (tok == self.eos_id) | (row_caps <= t + 1)
+            if stop_mask is not None:
+                cand = stop_mask[tok] & ~done
+                idx = cand.nonzero().squeeze(1).tolist()
+                if idx:
+                    self.stats.stop_checks += len(idx)
+                    rows = alive[idx]
+                    tails = out_tok[rows, max(0, t + 1 - window): t + 1].tolist()
+                    texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+                    hits = [k for k, text in zip(idx, texts) if any(s in text for s in stops)]
+                    if hits:
+                        done[hits] = True
+                        for k in hits:
+                            window_hit[int(alive[k])] = t + 1
+            n_done = int(done.sum())
+            if n_done:
+                lengths[alive[done]] = t + 1
+                if n_done == alive.numel():
+                    break
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                mask, alive, position, row_caps, tok = mask[keep], alive[keep], position[keep], row_caps[keep], tok[keep]
+
+            # ---- one forward step for the live rows
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
+                             past_key_values=cache, use_cache=True, **fwd_kwargs)
+            self.stats.decode_calls += 1
+            self.stats.decode_rows += tok.shape[0]
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            position = position + 1
+
+        tokens, logprobs, lengths = out_tok.cpu().tolist(), out_lp.cpu().tolist(), lengths.cpu().tolist()
+        completions = []
+        for r in range(n_rows):
+            n = lengths[r]
+            comp = self._finish(tokens[r][:n], logprobs[r][:n], stops, window_hit.get(r))
+            self.stats.generated_tokens += len(comp.token_ids)
+            completions.append(comp)
+        return completions
+
+    # ---- the same finishing rules as `HFSampler._finish` / `_stop_string_end` (algos/sampling.py)
+
+    def _finish(self, tokens: list[int], logprobs: list[float], stop_strings: tuple[str, ...],
+                window_hit: int | None) -> Completion:
+        """Cut a row at EOS or the stop string and decode it (rules of `HFSampler._finish`)."""
+        end, reason = len(tokens), "length"
+        if self.eos_id in tokens:
+            end, reason = tokens.index(self.eos_id) + 1, "stop"
+        stop_at = self._stop_string_end(tokens[:end], stop_strings)
+        if stop_at is not None:
+            end, reason = stop_at, "stop"
+        elif window_hit is not None and window_hit <= end:
+            end, reason = window_hit, "stop"
+        tokens = tokens[:end]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if stop_at is not None:
+            text = text[: min(text.find(s) for s in stop_strings if s in text)]
+        return Completion(tokens, logprobs[:end], reason, text)
+
+    def _stop_string_end(self, tokens: list[int], stop_strings: tuple[str, ...]) -> int | None:
+        """Smallest k such that the decoded ``tokens[:k]`` contains a stop string, or None (binary
+        search; decoding is prefix-monotone for the tokenizers we use)."""
+        if not stop_strings:
+            return None
+
+        def hit(k: int) -> bool:
+            text = self.tokenizer.decode(tokens[:k], skip_special_tokens=True)
+            return any(s in text for s in stop_strings)
+
+        if not hit(len(tokens)):
+            return None
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hit(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi

@@ -1,0 +1,223 @@
+"""Benchmark: VinePPO Monte-Carlo rollouts with three ways of sampling K continuations per prefix.
+
+    python experiments/bench/mc_rollouts.py                              # default size (~1-2 min on 2 CPU cores)
+    python experiments/bench/mc_rollouts.py --prefixes 16 --k 4          # smaller
+    python experiments/bench/mc_rollouts.py --threads 2 --out /tmp/mc.json
+
+Setup: the cached offline arithmetic model (`algos.trainer.warm_start_tiny`, built if absent) samples
+``--problems`` x ``--samples`` trajectories (VinePPO settings: T 0.6, top-p 0.9, the task's stop string).
+Their step-boundary prefixes are computed as `algos.vineppo.VinePPO.estimate_values` computes them
+(`step_layout`, `EnvState.prefix`, identical prefixes merged), the first ``--prefixes`` are kept, and
+the SAME prefixes are continued K times through `algos.rollout.continue_states` (the code path of
+`estimate_values`, env stepping and grading included but not timed) with:
+
+1. ``naive``: one `model.generate(num_return_sequences=K)` call per prefix (stop strings checked by
+   `HFSampler`'s stopping criterion, since transformers' own ``stop_strings`` fails on the character
+   tokenizer; no log-probs are computed, which only favours it);
+2. ``hf_batched``: `algos.sampling.HFSampler`, all prefixes x K rows batched (``--batch-size`` rows);
+3. ``fast``: `algos.fast_sampler.PrefixSharingSampler` (one prefill per prefix, finished rows dropped).
+
+Each sampler runs once after a short warm-up; tokens/s counts the tokens of the returned completions
+(EOS included) over the seconds spent in ``sampler.generate``. The mean V̂ of each sampler is printed as
+a sanity check (they are independent Monte-Carlo estimates of the same values). Writes the numbers as
+JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import GenerationConfig, StoppingCriteriaList  # noqa: E402
+
+from algos.fast_sampler import PrefixSharingSampler  # noqa: E402
+from algos.policy import load_policy  # noqa: E402
+from algos.rollout import collect_episodes, continue_states  # noqa: E402
+from algos.sampling import Completion, HFSampler, SamplingParams, _StopOnGeneratedText  # noqa: E402
+from algos.trainer import warm_start_tiny  # noqa: E402
+from algos.vineppo import step_layout  # noqa: E402
+from langenv.env import LanguageEnv  # noqa: E402
+from langenv.tasks import make_task  # noqa: E402
+
+DEFAULT_OUT = REPO / "experiments" / "bench" / "results" / "mc_rollouts.json"
+
+
+class NaiveGenerateSampler:
+    """The straightforward baseline: ``model.generate(prompt, num_return_sequences=n)`` per prompt.
+
+    Implements the `Sampler` protocol enough for `continue_states`: token ids, finish reason and
+    text are right; log-probs are zeros (not computed). Stop strings: `HFSampler`'s windowed
+    criterion on the generated text (transformers' ``StopStringCriteria`` raises on the character
+    tokenizer of the arithmetic model: "substring not found" in ``clean_tokenizer_vocab``).
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+
+    def update_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompts, params: SamplingParams, seed: int | None = None) -> list[list[Completion]]:
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=params.temperature > 0,
+            temperature=params.temperature or None, top_p=params.top_p if params.temperature > 0 else None,
+            top_k=0 if params.temperature > 0 else None, num_return_sequences=params.n,
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )
+        out = []
+        with torch.random.fork_rng(enabled=seed is not None), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            for p in prompts:
+                ids = torch.tensor([list(p)], dtype=torch.long)
+                criteria = StoppingCriteriaList()
+                if params.stop_strings:
+                    criteria.append(_StopOnGeneratedText(self.tokenizer, params.stop_strings, len(p), params.n))
+                seqs = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                           generation_config=config, stopping_criteria=criteria)
+                group = []
+                for row in seqs[:, len(p):].tolist():
+                    end, reason = len(row), "length"
+                    if self.eos_id in row:
+                        end, reason = row.index(self.eos_id) + 1, "stop"
+                    row = row[:end]
+                    text = self.tokenizer.decode(row, skip_special_tokens=True)
+                    cut = [text.find(s) for s in params.stop_strings if s in text]
+                    if cut:
+                        text, reason = text[: min(cut)], "stop"
+                        # trailing pad ids after a stop-string stop
+                        while row and row[-1] == self.pad_id and self.pad_id != self.eos_id:
+                            row.pop()
+                    group.append(Completion(row, [0.0] * len(row), reason, text))
+                out.append(group)
+        return out
+
+
+class Counting:
+    """Wraps a sampler; counts the tokens it returns and the seconds it spends."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens, self.seconds = inner, 0, 0.0
+
+    def update_weights(self, model) -> None:
+        self.inner.update_weights(model)
+
+    def generate(self, prompts, params, seed=None):
+        t0 = time.perf_counter()
+        out = self.inner.generate(prompts, params, seed=seed)
+        self.seconds += time.perf_counter() - t0
+        self.tokens += sum(len(c.token_ids) for group in out for c in group)
+        return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def vineppo_prefixes(episodes, tokenizer, split_steps):
+    """Unique step-boundary prefix states, in `VinePPO.estimate_values` order (no step cap)."""
+    unique = {}
+    for e in episodes:
+        for b in step_layout(e, tokenizer, split_steps).boundaries:
+            state = e.state.prefix(b)
+            unique.setdefault(state.token_ids, state)
+    return list(unique.values())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=6, help="train problems whose trajectories give the prefixes")
+    ap.add_argument("--samples", type=int, default=4, help="trajectories per problem (G)")
+    ap.add_argument("--prefixes", type=int, default=48, help="most step-boundary prefixes to continue (first N)")
+    ap.add_argument("--k", type=int, default=9, help="Monte-Carlo continuations per prefix (K; VinePPO paper: 9)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="response budget (tokens)")
+    ap.add_argument("--batch-size", type=int, default=64, help="max sequences per batch (hf_batched and fast)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="*", default=["naive", "hf_batched", "fast"], choices=["naive", "hf_batched", "fast"])
+    ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv")))
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    args = ap.parse_args(argv)
+    for name in ("problems", "samples", "prefixes", "k", "max_new_tokens", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+
+    task = make_task("arithmetic")
+    path = warm_start_tiny(task, args.cache_dir)
+    policy, tok = load_policy(str(path), dtype=torch.float32)
+    context = getattr(policy.config, "max_position_embeddings", None)
+    env = LanguageEnv(task, tok, split="train", max_new_tokens=args.max_new_tokens, max_context=context)
+    params = SamplingParams(0.6, 0.9, args.max_new_tokens, task.stop_strings, args.samples)
+    episodes = collect_episodes(env, HFSampler(policy, tok, max_context=context), env.problems[: args.problems], params,
+                                seed=args.seed)
+    states = vineppo_prefixes(episodes, tok, task.split_steps)[: args.prefixes]
+    prefix_lens = [len(s.token_ids) for s in states]
+    print(f"{len(episodes)} trajectories (mean reward {sum(e.reward for e in episodes) / len(episodes):.2f}), "
+          f"{len(states)} prefixes of {min(prefix_lens)}-{max(prefix_lens)} tokens, K={args.k}, "
+          f"max_new_tokens={args.max_new_tokens}")
+
+    mc = SamplingParams(0.6, 0.9, args.max_new_tokens, task.stop_strings, args.k)
+    samplers = {
+        "naive": lambda: NaiveGenerateSampler(policy, tok),
+        "hf_batched": lambda: HFSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
+        "fast": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
+    }
+    rows = {}
+    for name in args.only:
+        sampler = Counting(samplers[name]())
+        continue_states(env, sampler, states[:2], SamplingParams(0.6, 0.9, 8, task.stop_strings, 2), seed=1)  # warm-up
+        sampler.tokens, sampler.seconds = 0, 0.0
+        results = continue_states(env, sampler, states, mc, seed=args.seed + 1)
+        values = [sum(r.reward for r in rs) / len(rs) for rs in results]
+        rows[name] = {"seconds": sampler.seconds, "tokens": sampler.tokens, "tokens_per_s": sampler.tokens / sampler.seconds,
+                      "mean_value": sum(values) / len(values)}
+        if name == "fast":
+            rows[name]["stats"] = {k: v for k, v in vars(sampler.inner.stats).items() if k != "buckets"}
+        print(f"  {name:<11} {sampler.seconds:7.2f} s  {sampler.tokens:6d} tokens  {rows[name]['tokens_per_s']:8.1f} tok/s  "
+              f"mean V̂ {rows[name]['mean_value']:.3f}", flush=True)
+
+    info = machine()
+    print(f"\nmachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+          f"transformers {info['transformers']}, {info['date']}")
+    print(f"{'sampler':<11} {'tok/s':>8} {'x naive':>8} {'x hf':>6}")
+    for name, row in rows.items():
+        vs_naive = row["tokens_per_s"] / rows["naive"]["tokens_per_s"] if "naive" in rows else float("nan")
+        vs_hf = row["tokens_per_s"] / rows["hf_batched"]["tokens_per_s"] if "hf_batched" in rows else float("nan")
+        row["speedup_vs_naive"], row["speedup_vs_hf_batched"] = vs_naive, vs_hf
+        print(f"{name:<11} {row['tokens_per_s']:8.1f} {vs_naive:8.2f} {vs_hf:6.2f}")
+    result = {"machine": info, "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                                            "prefixes_used": len(states), "prefix_tokens_min": min(prefix_lens),
+                                            "prefix_tokens_max": max(prefix_lens), "model": str(path)},
+              "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
