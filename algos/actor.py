@@ -23,15 +23,23 @@ Efficiency: within a mini-batch, micro-batches are formed from rows sorted by pr
 length and each is trimmed to its own longest row, so little compute goes to padding; the
 gradient is unchanged because every micro-batch's loss is a partial sum over the mini-batch's
 global normaliser (`core.aggregate_sum` / `core.aggregate_norm`). ``π_old`` and ``π_ref``
-log-probs are computed once per update (one no-grad pass each, also length-sorted), not per epoch.
+log-probs are computed once per update (one no-grad pass each, also length-sorted), not per epoch;
+a caller that already has π_old's log-probs passes them (``old_logprobs``). Per-micro-batch
+statistics stay on the device and are read once per mini-batch (no ``.item()`` per micro-batch).
+Measured (experiments/bench/results/update.json): length-sorted micro-batches cut padding from 38%
+to 22% of the positions on GSM8K-length episodes and made a float32 update 1.47x faster (1.22x on
+the shorter, more uniform arithmetic episodes); ``ActorSettings.bf16_autocast`` adds ~2x on a CPU
+with bf16 kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -46,7 +54,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ActorSettings:
-    """Settings of the actor update (each algorithm's Config provides them)."""
+    """Settings of the actor update (each algorithm's Config provides them).
+
+    ``bf16_autocast`` runs the π_old, π_ref and training forward passes under
+    ``torch.autocast(device, bfloat16)``; weights, optimiser state, gradients and the loss maths stay
+    float32 (log-probs are computed from float32 logits). Off by default. Measured with
+    experiments/bench/update.py (2-core AMD EPYC with AVX512-BF16, 1 thread, torch 2.13, the 4-5M
+    parameter tiny models, 64 episodes, mini-batch 32, micro-batch 8, median of 3): 2.0x
+    (arithmetic) and 2.2x (GSM8K) faster per update than float32 with unsorted micro-batches, 2.75x
+    and 3.1x with length-sorted ones, with the start-of-update ratio within 1e-4 of 1. On CPUs
+    without fast bf16 kernels (`algos.sft.cpu_has_fast_bf16` False) it is slower; on GPUs it is the
+    usual mixed precision.
+    """
 
     epochs: int
     minibatch_size: int  # episodes per optimiser step, over all ranks
@@ -251,7 +270,8 @@ def actor_update(
     Returns:
         Means over optimiser steps of: loss, pg_loss, kl (the estimator's per-token mean, nats;
         only when kl_coef > 0), clip_frac, ratio, grad_norm — all over the global mini-batch; plus
-        the number of optimiser steps, of mini-batches skipped for a mean ratio above
+        seconds spent on the π_old / π_ref log-prob passes (``time_logprobs``), the number of
+        optimiser steps, of mini-batches skipped for a mean ratio above
         ``max_ratio``, of non-finite ones (``nonfinite_minibatches``) and of non-finite ones in a
         row at the end of the update (``nonfinite_trailing``; a ratio skip or a step resets it).
     Raises:
@@ -266,6 +286,7 @@ def actor_update(
     micro, sort, bf16 = settings.micro_batch_size, settings.sort_micro_batches, settings.bf16_autocast
     multiple = AUTOCAST_WIDTH_MULTIPLE if bf16 else 1
     policy.eval()
+    t_logprobs = time.perf_counter()
     if old_logprobs is None:
         batch["old_logp"] = batch_logprobs(policy, batch, settings.temperature, micro, sort, bf16)
     else:
@@ -275,6 +296,7 @@ def actor_update(
         batch["old_logp"] = old_logprobs.detach().float().cpu() * batch["response_mask"]
     if settings.kl_coef > 0:
         batch["ref_logp"] = batch_logprobs(reference, batch, settings.temperature, micro, sort, bf16)
+    t_logprobs = time.perf_counter() - t_logprobs
     policy.train()
     device = next(policy.parameters()).device
     stats: dict[str, list[float]] = {k: [] for k in ("loss", "pg_loss", "kl", "clip_frac", "ratio", "grad_norm")}
@@ -342,6 +364,7 @@ def actor_update(
     out["skipped_minibatches"] = float(skipped)
     out["nonfinite_minibatches"] = float(nonfinite)
     out["nonfinite_trailing"] = float(trailing)
+    out["time_logprobs"] = t_logprobs
     if settings.kl_coef == 0:
         del out["kl"]
     return out

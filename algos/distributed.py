@@ -23,8 +23,9 @@ when the caller initialised the group itself (``torch.distributed.init_process_g
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -12,9 +12,12 @@ the context cap; the same errors), but runs its own decode loop on the model's f
    `generate` with rows expanded to (prompt x n) encodes each prefix K times. Here distinct prompts
    (identical prompts in one call are merged) are prefilled once, in length buckets with left
    padding, and the KV cache is expanded to the rows by an index select on the batch dimension
-   (`DynamicCache.batch_select_indices` with repeated indices, i.e. ``keys[index]``; transformers
-   5.23 `cache_utils.DynamicLayer`). The first token of every row is sampled from the prefill's
-   last-position logits, so expansion costs no forward pass.
+   (``keys[index]`` with repeated indices, as transformers 5.23 `DynamicLayer.batch_select_indices`
+   does). The first token of every row is sampled from the prefill's last-position logits, so
+   expansion costs no forward pass. Full-attention layers are then written in place into a
+   preallocated buffer (`_PreallocatedLayer`, a `DynamicLayer` subclass inside the
+   `DynamicCache`) instead of `DynamicLayer.update`'s per-step ``torch.cat``; other layer types
+   (sliding window, ...) keep their transformers class.
 2. **Finished rows leave the batch.** A row that emits EOS, completes a stop string or reaches its
    own cap is removed from the running batch (cache, attention mask, positions), so the remaining
    steps cost only the live rows. `generate` keeps computing finished rows until the whole batch
@@ -165,7 +168,12 @@ class _PreallocatedLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._k, self._v = self._k[indices], self._v[indices]
+        # copy only the filled positions: the rest of the new buffer is never touched before it is written
+        k = self._k.new_empty((indices.numel(),) + self._k.shape[1:])
+        v = self._v.new_empty((indices.numel(),) + self._v.shape[1:])
+        k[:, :, : self.length] = self.keys[indices]
+        v[:, :, : self.length] = self.values[indices]
+        self._k, self._v = k, v
         self._views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -188,14 +196,15 @@ def _expand_cache(cache: DynamicCache, index: torch.Tensor, reserve: int, limit:
     """A cache for the rows ``index`` (B,) of ``cache`` (U rows): row b holds prompt ``index[b]``.
 
     Plain `DynamicLayer` layers become `_PreallocatedLayer` with room for ``reserve`` more
-    positions (``limit`` at most); other layer types are index-selected in place on a copy
-    (`DynamicCache.batch_select_indices`, which is ``keys[indices]``, so repeated indices expand).
-    ``cache`` itself is left unchanged.
+    positions (``limit`` at most) when ``reserve > 0``; other layers (and all layers when
+    ``reserve == 0``) are index-selected on a shallow copy (`DynamicLayer.batch_select_indices`
+    is ``keys[indices]``, a new tensor, so repeated indices expand and ``cache`` is unchanged).
     """
     out = copy.copy(cache)
     out.layers = []
     for layer in cache.layers:
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.get_seq_length() > 0:
+        plain = type(layer) is DynamicLayer and layer.is_initialized and layer.get_seq_length() > 0
+        if plain and reserve > 0:
             out.layers.append(_PreallocatedLayer(layer.keys, layer.values, index, reserve, limit))
         else:
             other = copy.copy(layer)
@@ -220,6 +229,10 @@ class PrefixSharingSampler:
             bucket's longest prompt (tokens); larger values mean fewer, fuller batches and more
             attention over padding. ``inf`` puts all prompts in as few buckets as the batch size
             allows.
+        prealloc_tokens: room (positions) reserved per row in the KV cache of full-attention
+            layers when decoding starts; new keys/values are written in place and the buffer
+            grows by half when full. ``0`` keeps transformers' `DynamicLayer`, which
+            concatenates every step (a copy of the whole layer cache per token).
 
     Raises:
         ValueError: a bad argument (named), or a tokenizer without EOS.
@@ -236,8 +249,8 @@ class PrefixSharingSampler:
             raise ValueError(f"max_context: expected an int >= 1 or None, got {max_context!r}")
         if isinstance(bucket_slack, bool) or not isinstance(bucket_slack, (int, float)) or not bucket_slack >= 0:
             raise ValueError(f"bucket_slack: expected a number >= 0, got {bucket_slack!r}")
-        if isinstance(prealloc_tokens, bool) or not isinstance(prealloc_tokens, int) or prealloc_tokens < 1:
-            raise ValueError(f"prealloc_tokens: expected an int >= 1, got {prealloc_tokens!r}")
+        if isinstance(prealloc_tokens, bool) or not isinstance(prealloc_tokens, int) or prealloc_tokens < 0:
+            raise ValueError(f"prealloc_tokens: expected an int >= 0, got {prealloc_tokens!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError(
                 "tokenizer has no EOS token (eos_token_id is None); PrefixSharingSampler needs one to stop sequences"

@@ -409,6 +409,8 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     if run.model != "tiny":
         check_model_source(run.model)
     dist = current_dist()
+    if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
+        run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
     out = _on_main_first(dist, lambda: _prepare_out(run, algo_name), share=True)
     main_process = dist.is_main
     config_dump = {"algorithm": algo_name, "run": _jsonable(run), "algo": _jsonable(algo_config)}

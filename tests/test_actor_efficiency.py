@@ -10,7 +10,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from algos.actor import ActorSettings, actor_update, batch_logprobs, micro_batch_rows, whiten_global
+from algos.actor import (
+    ActorSettings,
+    actor_update,
+    batch_logprobs,
+    micro_batch_rows,
+    whiten_global,
+)
 from algos.policy import batch_sequences
 from algos.rollout import Episode
 from langenv import Problem
@@ -59,8 +65,8 @@ class NoSchedule:
 
 
 def settings(**overrides) -> ActorSettings:
-    base = dict(epochs=1, minibatch_size=12, micro_batch_size=3, clip_eps=0.2, kl_coef=0.1, temperature=0.7,
-                grad_clip=1e9)
+    base = {"epochs": 1, "minibatch_size": 12, "micro_batch_size": 3, "clip_eps": 0.2, "kl_coef": 0.1, "temperature": 0.7,
+            "grad_clip": 1e9}
     base.update(overrides)
     return ActorSettings(**base)
 
@@ -84,7 +90,7 @@ def recorded_gradient(policy, episodes, advantages, s: ActorSettings) -> tuple[l
 def test_sorted_trimmed_micro_batches_give_the_same_gradient(pg, kl, whiten):
     policy = tiny_llama()
     episodes, advantages = fake_episodes(12)
-    common = dict(pg_aggregation=pg, kl_aggregation=kl, whiten_advantages=whiten, aggregation_constant=16.0)
+    common = {"pg_aggregation": pg, "kl_aggregation": kl, "whiten_advantages": whiten, "aggregation_constant": 16.0}
     whole, whole_stats = recorded_gradient(policy, episodes, advantages, settings(micro_batch_size=12, **common))
     unsorted, _ = recorded_gradient(policy, episodes, advantages, settings(sort_micro_batches=False, **common))
     ordered, stats = recorded_gradient(policy, episodes, advantages, settings(sort_micro_batches=True, **common))
@@ -121,7 +127,7 @@ def test_batch_logprobs_sorted_equals_unsorted_in_input_order():
 
 
 def test_old_and_reference_logprobs_are_computed_once_per_update(monkeypatch):
-    import algos.actor as actor
+    from algos import actor
 
     calls = []
     original = actor.batch_logprobs
@@ -186,3 +192,14 @@ def test_whiten_global_in_one_process_is_masked_whiten():
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
     mask = (torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) > 0.3).float()
     assert torch.equal(whiten_global(x, mask, None), core.masked_whiten(x, mask))
+
+
+def test_bf16_autocast_gives_nearly_the_fp32_gradient():
+    policy = tiny_llama()
+    episodes, advantages = fake_episodes(12)
+    fp32, _ = recorded_gradient(policy, episodes, advantages, settings())
+    bf16, stats = recorded_gradient(policy, episodes, advantages, settings(bf16_autocast=True))
+    a, b = torch.cat([g.flatten() for g in fp32]), torch.cat([g.flatten() for g in bf16])
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99
+    assert float((a - b).norm() / a.norm()) < 0.1
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-2) and math.isfinite(stats["loss"])

@@ -186,8 +186,9 @@ def test_unknown_task_lists_registered_names(tokenizer):
     from langenv.tasks import make_task
 
     for build in (lambda: make_task("gsm9k"), lambda: LanguageEnv("gsm9k", tokenizer)):
-        with pytest.raises(ValueError, match=r"unknown task 'gsm9k'; registered tasks: .*arithmetic, gsm8k, math"):
+        with pytest.raises(ValueError, match=r"unknown task 'gsm9k'; registered tasks: ") as info:
             build()
+        assert all(name in str(info.value) for name in ("arithmetic", "gsm8k", "math"))
 
 
 @pytest.mark.parametrize("task, message", [
@@ -491,7 +492,7 @@ def test_cli_unknown_task_lists_tasks_before_anything_is_written(tmp_path):
     from experiments.run import main
 
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"unknown task 'gsm9k'; registered tasks: .*gsm8k, math"):
+    with pytest.raises(ValueError, match=r"unknown task 'gsm9k'; registered tasks: .*gsm8k, (guess, )?math"):
         main(["algo:grpo", "--task", "gsm9k", "--out", str(out), "--wandb", "disabled"])
     assert not out.exists()
 

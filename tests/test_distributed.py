@@ -10,7 +10,6 @@ match a single-process update on the concatenated batch.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import socket
 import subprocess
@@ -24,27 +23,27 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from algos.actor import ActorSettings, actor_update  # noqa: E402
-from algos.distributed import Dist, current  # noqa: E402
-from algos.policy import batch_sequences  # noqa: E402
-from algos.ppo import CriticSettings, ValueModel, compute_values, critic_update  # noqa: E402
+from algos.actor import ActorSettings, actor_update
+from algos.distributed import Dist, current
+from algos.policy import batch_sequences
+from algos.ppo import CriticSettings, ValueModel, compute_values, critic_update
 
 N_EPISODES = 8  # global batch
 #: name -> (ActorSettings overrides, optimiser); one global mini-batch per epoch, so every rank's
 #: mini-batch is its whole shard and the composition matches the single-process run.
 SCENARIOS = {
-    "token_mean_whiten_kl_sgd": (dict(epochs=2, pg_aggregation="token_mean", kl_aggregation="seq_mean_token_sum",
-                                      whiten_advantages=True, kl_coef=0.1, grad_clip=0.05), "sgd"),
-    "seq_mean_token_mean_adamw": (dict(epochs=1, pg_aggregation="seq_mean_token_mean",
-                                       kl_aggregation="seq_mean_token_mean", whiten_advantages=False, kl_coef=0.05,
-                                       grad_clip=1.0), "adamw"),
+    "token_mean_whiten_kl_sgd": ({"epochs": 2, "pg_aggregation": "token_mean", "kl_aggregation": "seq_mean_token_sum",
+                                  "whiten_advantages": True, "kl_coef": 0.1, "grad_clip": 0.05}, "sgd"),
+    "seq_mean_token_mean_adamw": ({"epochs": 1, "pg_aggregation": "seq_mean_token_mean",
+                                   "kl_aggregation": "seq_mean_token_mean", "whiten_advantages": False,
+                                   "kl_coef": 0.05, "grad_clip": 1.0}, "adamw"),
 }
 STAT_KEYS = ("loss", "pg_loss", "kl", "clip_frac", "ratio", "grad_norm", "optimizer_steps", "nonfinite_trailing")
 
 
 def actor_settings(overrides: dict) -> ActorSettings:
-    base = dict(epochs=1, minibatch_size=N_EPISODES, micro_batch_size=2, clip_eps=0.2, kl_coef=0.1,
-                temperature=0.7, grad_clip=1.0)
+    base = {"epochs": 1, "minibatch_size": N_EPISODES, "micro_batch_size": 2, "clip_eps": 0.2, "kl_coef": 0.1,
+            "temperature": 0.7, "grad_clip": 1.0}
     base.update(overrides)
     return ActorSettings(**base)
 
@@ -118,7 +117,7 @@ def worker(directory: Path) -> None:
     for eps, mb in ((uneven, 4), (episodes, 3)):
         try:
             actor_update(copy.deepcopy(policy), reference, torch.optim.SGD(policy.parameters(), lr=0.0), None,
-                         eps, advantages[:len(eps)], actor_settings(dict(minibatch_size=mb)), 0,
+                         eps, advantages[:len(eps)], actor_settings({"minibatch_size": mb}), 0,
                          torch.Generator(), dist=dist)
         except ValueError as exc:
             errors.append(str(exc))

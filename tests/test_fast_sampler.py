@@ -66,7 +66,7 @@ def _forward_hook(model, calls: list[tuple[int, int]]):
 def test_protocol_and_bad_arguments(model, tok):
     assert isinstance(PrefixSharingSampler(model, tok), Sampler)
     for kwargs, name in [({"max_batch_size": 0}, "max_batch_size"), ({"max_context": 0}, "max_context"),
-                         ({"bucket_slack": -1.0}, "bucket_slack"), ({"prealloc_tokens": 0}, "prealloc_tokens")]:
+                         ({"bucket_slack": -1.0}, "bucket_slack"), ({"prealloc_tokens": -1}, "prealloc_tokens")]:
         with pytest.raises(ValueError, match=name):
             PrefixSharingSampler(model, tok, **kwargs)
 
@@ -75,10 +75,11 @@ def test_protocol_and_bad_arguments(model, tok):
 def test_greedy_identical_to_hf_sampler(model, tok, eos_bias):
     m = _no_eos(model, tok) if eos_bias is None else _with_output_bias(model, {tok.eos_token_id: eos_bias})
     prompts = _mixed_prompts(tok)
-    params = SamplingParams(temperature=0.0, max_new_tokens=14, n=3)
-    ref = HFSampler(m, tok, max_batch_size=5).generate(prompts, params)
-    for batch in (4, 64):  # chunks that split a prompt's rows, and one bucket for everything
-        out = PrefixSharingSampler(m, tok, max_batch_size=batch).generate(prompts, params)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, n=3)
+    ref = HFSampler(m, tok, max_batch_size=64).generate(prompts, params)
+    # chunks that split a prompt's rows; a preallocated cache that must grow; transformers' own DynamicLayer
+    for batch, prealloc in ((4, 256), (64, 3), (64, 0)):
+        out = PrefixSharingSampler(m, tok, max_batch_size=batch, prealloc_tokens=prealloc).generate(prompts, params)
         _same(out, ref)
     reasons = {c.finish_reason for r in ref for c in r}
     assert reasons == ({"length"} if eos_bias is None else {"stop", "length"})
@@ -205,7 +206,7 @@ def test_finished_rows_leave_the_batch(model, tok):
     lengths = [len(c.token_ids) for c in out[0]]
     assert min(lengths) < 5 and max(lengths) > 10  # rows finish at very different steps
     decode = [rows for rows, width in calls if width == 1]
-    assert decode == sorted(decode, reverse=True) and decode[0] < 24 or decode[-1] < decode[0]
+    assert decode == sorted(decode, reverse=True) and decode[-1] < decode[0]  # the batch only shrinks
     # the first token comes from the prefill; every later token costs its row exactly one decode step
     assert sum(decode) == sampler.stats.decode_rows == sum(n - 1 for n in lengths)
     for c in out[0]:
@@ -304,14 +305,14 @@ def test_sampled_distribution_matches_hf_sampler_and_the_model(model, tok):
 
 
 class CoinTask:
-    """A toy task: the response is a few characters of "0", "1", " " and "\\n"; the last number read
+    """A toy task: the response is a few characters of "1", "2", " " and "\\n"; the last number read
     from it (the grader's lenient fallback) is compared with the answer "1"."""
 
     name, grading_kind, stop_strings = "coin", "gsm8k", ()
 
     def load(self, split):
         return [Problem(id=f"coin/{i}", question=q, solution="1", answer="1")
-                for i, q in enumerate(["10 01\n1", "0 1 10"])]
+                for i, q in enumerate(["12 21\n1", "2 1 12"])]
 
     def prompt(self, problem):
         return problem.question + "\n"
@@ -326,10 +327,13 @@ class CoinTask:
 @pytest.fixture(scope="module")
 def coin():
     task = CoinTask()
-    char_tok = build_char_tokenizer(["01 \n"])
+    char_tok = build_char_tokenizer(["12 \n"])
     torch.manual_seed(5)
     m = build_tiny_model(char_tok, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2).eval()
-    m = _with_output_bias(m, {char_tok.eos_token_id: 1.0})
+    never = {t: -1e4 for t in (char_tok.unk_token_id, char_tok.bos_token_id, char_tok.pad_token_id)}
+    m = _with_output_bias(m, {char_tok.eos_token_id: -0.5, **never})
+    with torch.no_grad():
+        m.lm_head.weight.mul_(0.5)  # milder dependence on the context: values between 0.1 and 0.4
     env = LanguageEnv(task, char_tok, split="train", max_new_tokens=16)
     return task, env, char_tok, m
 
@@ -355,7 +359,7 @@ def test_vineppo_values_agree_with_hf_sampler(coin):
     b = continue_states(env, fast, states, greedy)
     assert [[r.state for r in rs] for rs in a] == [[r.state for r in rs] for rs in b]
     # sampled: K continuations per state; mean rewards agree within 5 standard errors
-    k = 150
+    k = 100
     params = SamplingParams(1.0, 0.95, 16, (), k)
     values = []
     for sampler, seed in ((hf, 1), (fast, 2)):

@@ -39,7 +39,7 @@ PHASES = {
     "mc_rollouts": ("time/mc_rollouts",),
     "grading": ("time/grading",),
     "values (critic fwd / step split)": ("time/values", "time/advantages"),
-    "logprob passes": ("update/time_logprobs",),
+    "logprob passes": ("time/logprobs",),
     "update": ("time/update",),
 }
 

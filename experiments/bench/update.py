@@ -38,13 +38,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from algos.actor import AUTOCAST_WIDTH_MULTIPLE, ActorSettings, actor_update, micro_batch_rows  # noqa: E402
-from algos.policy import batch_sequences, clone_reference, load_policy  # noqa: E402
-from algos.rollout import Episode  # noqa: E402
-from langenv.state import EnvState  # noqa: E402
-from langenv.tasks import make_task  # noqa: E402
+from algos.actor import (
+    AUTOCAST_WIDTH_MULTIPLE,
+    ActorSettings,
+    actor_update,
+    micro_batch_rows,
+)
+from algos.policy import batch_sequences, clone_reference, load_policy
+from algos.rollout import Episode
+from langenv.state import EnvState
+from langenv.tasks import make_task
 
 MODELS = {"arithmetic": "~/.cache/langenv/tiny-arithmetic-1ff0469af7546829",
           "gsm8k": "~/.cache/langenv/tiny-gsm8k-66a5d80612191031"}
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine()
-    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     print(f"# update benchmark  {date}")
     print(f"# machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} with "
           f"{info['torch_threads']} thread(s); avx512_bf16={info['avx512_bf16']} amx_bf16={info['amx_bf16']}")
