@@ -105,13 +105,16 @@ class RLOOConfig:
         return self.epochs * -(-self.prompts_per_iteration * self.samples_per_prompt // self.minibatch_size)
 
 
-def sequence_kl_k1(policy, reference, episodes, temperature: float, pad_token_id: int, micro: int = 16) -> torch.Tensor:
-    """Σ_t k1_t = Σ_t [log π(y_t) − log π_ref(y_t)] per episode, shape (N,), nats, no gradient."""
+def sequence_kl_k1(policy, reference, episodes, temperature: float, pad_token_id: int, micro: int = 16,
+                   bf16_autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_t k1_t = Σ_t [log π(y_t) − log π_ref(y_t)] per episode, shape (N,), nats, no gradient; and the
+    policy's per-token log-probs, (N, L) in `batch_sequences` layout, which the actor update reuses
+    as π_old instead of a second forward pass."""
     batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
     mask = batch["response_mask"].float()
-    logp = batch_logprobs(policy, batch, temperature, micro)
-    ref = batch_logprobs(reference, batch, temperature, micro)
-    return core.masked_sum(core.kl_estimate(logp, ref, "k1"), mask, dim=1)
+    logp = batch_logprobs(policy, batch, temperature, micro, bf16_autocast=bf16_autocast)
+    ref = batch_logprobs(reference, batch, temperature, micro, bf16_autocast=bf16_autocast)
+    return core.masked_sum(core.kl_estimate(logp, ref, "k1"), mask, dim=1), logp
 
 
 class RLOO:
@@ -150,15 +153,15 @@ class RLOO:
                                     seed=ctx.seed_for(iteration, "episodes"), timings=timings)
         t1 = time.perf_counter()
         scores = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
-        kl = torch.zeros_like(scores)
+        kl, old_logp = torch.zeros_like(scores), None
         if cfg.kl_coef > 0:
-            kl = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.temperature, ctx.pad_token_id,
-                                cfg.micro_batch_size)
+            kl, old_logp = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.temperature, ctx.pad_token_id,
+                                          cfg.micro_batch_size, cfg.bf16_autocast)
         rewards = (scores - cfg.kl_coef * kl).view(len(problems), k)
         advantages = core.leave_one_out_advantages(rewards).flatten().tolist()
         per_token = [[a] * len(e.response_ids) for a, e in zip(advantages, episodes)]
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,
-                              self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
+                              self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist, old_logprobs=old_logp)
         ctx.sampler.update_weights(ctx.policy)
         t2 = time.perf_counter()
         metrics = episode_metrics(episodes)

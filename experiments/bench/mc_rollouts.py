@@ -21,7 +21,9 @@ After a short warm-up, each sampler runs ``--repeats`` times (interleaved with t
 with its own seed) and its fastest run is reported. Tokens are those of the returned completions
 (EOS included); seconds are those spent in ``sampler.generate``, both wall-clock and this process's
 CPU time (`time.process_time`, all threads summed). On a machine shared with other jobs the CPU
-figure is the steadier one: time-slicing inflates wall time but not CPU time. The mean V̂ of each sampler is printed as
+figure is the steadier one: time-slicing inflates wall time but not CPU time. A forward hook also
+counts the token positions each sampler runs through the model (prefill and decode, padding and
+finished rows included) per returned token: the work each one asks for, whatever the machine load. The mean V̂ of each sampler is printed as
 a sanity check (they are independent Monte-Carlo estimates of the same values). Writes the numbers as
 JSON to ``--out``.
 """
@@ -128,6 +130,20 @@ class Counting:
         return out
 
 
+class ForwardWork:
+    """Counts the token positions the model's forward passes process (rows x sequence length per
+    call, padding included): the work a sampler asks of the model, independent of machine load."""
+
+    def __init__(self, model):
+        self.positions, self.calls = 0, 0
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.positions += ids.numel()
+        self.calls += 1
+
+
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -192,6 +208,7 @@ def main(argv=None) -> dict:
         "hf_batched": lambda: HFSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
         "fast": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
     }
+    work = ForwardWork(policy)
     rows = {name: {"runs": []} for name in args.only}
     wrapped = {name: Counting(samplers[name]()) for name in args.only}
     for name, sampler in wrapped.items():  # warm-up (allocator, stop-string masks, lazy imports)
@@ -199,15 +216,17 @@ def main(argv=None) -> dict:
     for rep in range(args.repeats):  # interleaved, so that a change of machine load hits every sampler alike
         for name, sampler in wrapped.items():
             sampler.tokens, sampler.seconds, sampler.cpu_seconds = 0, 0.0, 0.0
+            work.positions = work.calls = 0
             results = continue_states(env, sampler, states, mc, seed=args.seed + 1 + rep)
             values = [sum(r.reward for r in rs) / len(rs) for rs in results]
             run = {"wall_s": sampler.seconds, "cpu_s": sampler.cpu_seconds, "tokens": sampler.tokens,
-                   "mean_value": sum(values) / len(values)}
+                   "forward_positions": work.positions, "forward_calls": work.calls, "mean_value": sum(values) / len(values)}
             if name == "fast":
                 run["stats"] = {k: v for k, v in vars(sampler.inner.stats).items() if k != "buckets"}
             rows[name]["runs"].append(run)
             print(f"  run {rep + 1}/{args.repeats} {name:<11} wall {sampler.seconds:6.2f} s  cpu {sampler.cpu_seconds:6.2f} s  "
-                  f"{sampler.tokens:6d} tokens  mean V̂ {run['mean_value']:.3f}", flush=True)
+                  f"{sampler.tokens:6d} tokens  {work.calls:5d} forwards over {work.positions:6d} positions  "
+                  f"mean V̂ {run['mean_value']:.3f}", flush=True)
 
     # Best run per sampler (least wall time; least CPU time): on a shared machine the fastest run is
     # the one least disturbed by other processes. CPU time is this process's, all threads summed.
@@ -216,6 +235,7 @@ def main(argv=None) -> dict:
         best_cpu = min(row["runs"], key=lambda r: r["cpu_s"])
         row["tokens_per_s"] = best_wall["tokens"] / best_wall["wall_s"]
         row["tokens_per_cpu_s"] = best_cpu["tokens"] / best_cpu["cpu_s"]
+        row["positions_per_token"] = best_wall["forward_positions"] / best_wall["tokens"]
     for name, row in rows.items():
         for key in ("tokens_per_s", "tokens_per_cpu_s"):
             for base in ("naive", "hf_batched"):
@@ -226,10 +246,14 @@ def main(argv=None) -> dict:
           f"transformers {info['transformers']}, {info['date']}")
     print(f"{len(states)} prefixes x K={args.k}, max_new_tokens={args.max_new_tokens}, batch {args.batch_size}, "
           f"best of {args.repeats} runs")
-    print(f"{'sampler':<11} {'tok/s wall':>10} {'x naive':>8} {'x hf':>6} | {'tok/cpu-s':>10} {'x naive':>8} {'x hf':>6}")
+    print(f"{'sampler':<11} {'tok/s wall':>10} {'x naive':>8} {'x hf':>6} | {'tok/cpu-s':>10} {'x naive':>8} {'x hf':>6} | "
+          f"{'fwd pos/tok':>11}")
     for name, row in rows.items():
         print(f"{name:<11} {row['tokens_per_s']:10.1f} {row['tokens_per_s_x_naive']:8.2f} {row['tokens_per_s_x_hf_batched']:6.2f} | "
-              f"{row['tokens_per_cpu_s']:10.1f} {row['tokens_per_cpu_s_x_naive']:8.2f} {row['tokens_per_cpu_s_x_hf_batched']:6.2f}")
+              f"{row['tokens_per_cpu_s']:10.1f} {row['tokens_per_cpu_s_x_naive']:8.2f} {row['tokens_per_cpu_s_x_hf_batched']:6.2f} | "
+              f"{row['positions_per_token']:11.2f}")
+    print("fwd pos/tok: token positions run through the model (prefill + decode, padding and finished rows "
+          "included) per returned token")
     result = {"machine": info, "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                             "prefixes_used": len(states), "prefix_tokens_min": min(prefix_lens),
                                             "prefix_tokens_max": max(prefix_lens), "model": str(path)},
