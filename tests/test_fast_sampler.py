@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from algos.fast_sampler import PrefixSharingSampler, stop_candidate_mask
-from algos.policy import batch_sequences, response_logprobs, token_logprobs
+from algos.policy import batch_sequences, response_logprobs
 from algos.rollout import collect_episodes, continue_states
 from algos.sampling import Completion, HFSampler, Sampler, SamplingParams
 from algos.tiny import build_char_tokenizer, build_tiny_model

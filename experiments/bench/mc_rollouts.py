@@ -1,6 +1,6 @@
 """Benchmark: VinePPO Monte-Carlo rollouts with three ways of sampling K continuations per prefix.
 
-    python experiments/bench/mc_rollouts.py                              # default size (~1-2 min on 2 CPU cores)
+    python experiments/bench/mc_rollouts.py                              # default size (~2 min on 2 CPU cores)
     python experiments/bench/mc_rollouts.py --prefixes 16 --k 4          # smaller
     python experiments/bench/mc_rollouts.py --threads 2 --out /tmp/mc.json
 
@@ -170,9 +170,9 @@ def vineppo_prefixes(episodes, tokenizer, split_steps):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=6, help="train problems whose trajectories give the prefixes")
+    ap.add_argument("--problems", type=int, default=12, help="train problems whose trajectories give the prefixes")
     ap.add_argument("--samples", type=int, default=4, help="trajectories per problem (G)")
-    ap.add_argument("--prefixes", type=int, default=48, help="most step-boundary prefixes to continue (first N)")
+    ap.add_argument("--prefixes", type=int, default=40, help="most step-boundary prefixes to continue (first N)")
     ap.add_argument("--k", type=int, default=9, help="Monte-Carlo continuations per prefix (K; VinePPO paper: 9)")
     ap.add_argument("--max-new-tokens", type=int, default=96, help="response budget (tokens)")
     ap.add_argument("--batch-size", type=int, default=64, help="max sequences per batch (hf_batched and fast)")
