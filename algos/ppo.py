@@ -107,8 +107,8 @@ class PPOConfig:
     grad_clip: float = 1.0
     """Gradient-norm clip (actor and critic, each over its own parameters)."""
     bf16_autocast: bool = False
-    """Run the policy/reference forward passes of the update under bf16 autocast (weights, optimiser
-    and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16 kernels: 2-3x faster
+    """Run the policy/reference (and critic) forward passes of the update under bf16 autocast (weights,
+    optimiser and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16 kernels: 2-3x faster
     updates on the 2-core AVX512-BF16 machine (experiments/bench/update.py)."""
     clip_eps: float = 0.2
     """PPO clip range ε of the actor's surrogate."""
@@ -301,6 +301,7 @@ class CriticSettings:
     micro_batch_size: int
     value_clip: float
     grad_clip: float
+    bf16_autocast: bool = False  # critic forward passes under bf16 autocast (weights and loss stay float32)
 
 
 def _chunks(indices: list[int], size: int) -> list[list[int]]:
@@ -315,7 +316,8 @@ def _rows(batch: dict[str, Tensor], rows: list[int]) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def compute_values(critic: ValueModel, batch: dict[str, Tensor], micro_batch_size: int) -> Tensor:
+def compute_values(critic: ValueModel, batch: dict[str, Tensor], micro_batch_size: int,
+                   bf16_autocast: bool = False) -> Tensor:
     """V(s_t) for every response token of a right-padded batch, without gradient, in micro-batches of
     ``micro_batch_size`` length-sorted rows (`algos.actor.micro_batch_rows`), each trimmed to its
     longest row.
@@ -323,14 +325,16 @@ def compute_values(critic: ValueModel, batch: dict[str, Tensor], micro_batch_siz
     Returns:
         (B, L) float32 on the CPU, 0 outside ``response_mask``, in the input's row order.
     """
-    from algos.actor import micro_batch_rows
+    from algos.actor import _precision, micro_batch_rows
 
     was_training = critic.training
     critic.eval()
     out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
     for part in micro_batch_rows(batch["attention_mask"], micro_batch_size):
         sub = _rows(batch, part)
-        out[part, : sub["input_ids"].shape[1]] = critic.response_values(sub).cpu()
+        with _precision(critic.device, bf16_autocast):
+            values = critic.response_values(sub)
+        out[part, : sub["input_ids"].shape[1]] = values.float().cpu()
     critic.train(was_training)
     return out
 
@@ -370,7 +374,7 @@ def critic_update(
         ValueError: ranks whose episode counts give different numbers of mini-batches, or a global
             mini-batch size not divisible by the world size (`algos.actor.check_step_counts`).
     """
-    from algos.actor import check_step_counts, micro_batch_rows
+    from algos.actor import _precision, check_step_counts, micro_batch_rows
 
     multi = dist is not None and dist.world_size > 1
     n = batch["input_ids"].shape[0]
@@ -392,7 +396,8 @@ def critic_update(
             for part in micro_batch_rows(mb["attention_mask"], settings.micro_batch_size):
                 sub = {k: v.to(device) for k, v in _rows(mb, part).items()}
                 mask = sub["response_mask"].float()
-                values = critic.response_values(sub)
+                with _precision(critic.device, settings.bf16_autocast):
+                    values = critic.response_values(sub).float()
                 old, ret = sub["old_values"], sub["returns"]
                 per_token = core.clipped_value_loss(values, old, ret, settings.value_clip)
                 loss = core.masked_sum(per_token, mask) / n_tokens
@@ -453,7 +458,7 @@ class PPO:
         )
         self.critic_settings = CriticSettings(
             epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
-            value_clip=config.value_clip, grad_clip=config.grad_clip,
+            value_clip=config.value_clip, grad_clip=config.grad_clip, bf16_autocast=config.bf16_autocast,
         )
 
     def state_dict(self) -> dict:
@@ -480,7 +485,7 @@ class PPO:
         t1 = time.perf_counter()
         batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], ctx.pad_token_id)
         mask = batch["response_mask"].float()
-        old_values = compute_values(self.critic, batch, cfg.micro_batch_size)
+        old_values = compute_values(self.critic, batch, cfg.micro_batch_size, cfg.bf16_autocast)
         t2 = time.perf_counter()
         rewards = terminal_rewards(batch, [e.reward for e in episodes])
         advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "experiments" / "bench" / "results" / "iteration.json")
+    p.add_argument("--runs", type=Path, default=None, help="keep the run directories here (default: a temporary dir)")
     args = p.parse_args(argv)
 
     from algos.trainer import warm_start_tiny
@@ -114,10 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     warm_start_tiny(make_task(args.task), Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv")))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.runs or Path(tmp)
         for sampler in args.samplers:
             for algo in ("vineppo", "ppo"):
                 print(f"[bench] {algo} with the {sampler} sampler ...", flush=True)
-                results.append(run_config(algo, sampler, args, Path(tmp)))
+                results.append(run_config(algo, sampler, args, workdir))
 
     where = machine()
     print(f"\nIteration breakdown, {args.task}: {args.prompts} problems x {args.samples} samples, K = {args.mc_rollouts}, "
@@ -139,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
         fast = {r["algo"]: r for r in results if r["sampler"] == "fast"}
         print(f"VinePPO MC rollouts, hf -> fast sampler: {hf['vineppo']['phases_s']['mc_rollouts'] / max(fast['vineppo']['phases_s']['mc_rollouts'], 1e-9):.2f}x faster; "
               f"VinePPO(fast) / PPO(hf): {fast['vineppo']['iteration_s'] / hf['ppo']['iteration_s']:.2f}x")
-    report = {"machine": where, "settings": vars(args) | {"out": str(args.out)}, "results": results,
+    report = {"machine": where, "settings": vars(args), "results": results,
               "vineppo_over_ppo": ratios}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.out}")
     return report
 
