@@ -103,7 +103,8 @@ def test_same_seed_same_metrics_different_seed_differs(tmp_path, guess_model_dir
     assert runs["a"] != runs["c"]
 
 
-def test_sigterm_writes_a_checkpoint_exits_nonzero_and_resumes(tmp_path, guess_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_checkpoint_exits_nonzero_and_resumes(sig, tmp_path, guess_model_dir):
     out = tmp_path / "run"
     args = ["algo:grpo", *common(guess_model_dir, out, 40), *ALGO_FLAGS["grpo"].split(), "--save-every", "0"]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
@@ -116,10 +117,10 @@ def test_sigterm_writes_a_checkpoint_exits_nonzero_and_resumes(tmp_path, guess_m
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "SIGTERM" in err and "--resume" in err
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert signal.Signals(sig).name in err and "--resume" in err
     rows = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
     stopped = rows[-1]
     assert rows == list(range(stopped + 1)) and stopped < 40
