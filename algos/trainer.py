@@ -13,11 +13,9 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,9 @@ from algos.checkpoint import (Checkpoint, CheckpointError, load_checkpoint, rng_
                               state_fingerprint)
 from algos.distributed import Dist, current as current_dist
 from algos.policy import check_model_source, clone_reference, load_policy
+from algos.run_control import (RESUMABLE_CHANGES, NonFiniteUpdatesError, StopRequests, TrainingInterrupted,
+                               combine_ranks, config_differences, nonfinite_streak, on_main_first, prepare_out,
+                               read_metrics, seed_everything, start_out)
 from algos.rollout import collect_episodes
 from algos.sampling import HFSampler, Sampler, SamplingParams
 
@@ -238,47 +239,6 @@ def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:
                       progress=progress, vocab_size=setup.vocab_size, tokenizer=setup.tokenizer)
 
 
-def _prepare_out(run: RunConfig, algo_name: str) -> Path:
-    """The run directory, checked (and created if missing, but nothing written into it) before
-    anything slow happens.
-
-    Raises:
-        FileExistsError: it already holds a run (metrics.jsonl) and neither ``--resume`` nor
-            ``--overwrite`` was given (nothing in it is touched).
-        PermissionError: it cannot be created or written.
-        ValueError: ``--resume`` and ``--out`` name different directories.
-    """
-    if run.resume is not None:
-        if run.out is not None and Path(run.out).resolve() != Path(run.resume).resolve():
-            raise ValueError(f"--resume {run.resume} and --out {run.out} differ; a resumed run continues in its own "
-                             f"directory (drop --out)")
-        out = Path(run.resume)
-        if not (out / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {out} is not a run directory (no config.json)")
-    else:
-        out = run.out or Path("runs") / f"{algo_name}-{run.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (out / "metrics.jsonl").exists() and not run.overwrite:
-            raise FileExistsError(f"{out} already holds a run (metrics.jsonl); continue it with --resume {out}, "
-                                  f"start over with --overwrite, or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except PermissionError as exc:
-        raise PermissionError(f"run directory {out} cannot be created: {exc.strerror}") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise PermissionError(f"run directory {out} is not writable")
-    return out
-
-
-def _start_out(out: Path) -> None:
-    """Clear what an earlier run left in ``out`` (``--overwrite``) and start an empty metrics file;
-    called only once the model, tokenizer and prompts have passed their checks."""
-    for name in ("metrics.jsonl", "summary.json"):
-        (out / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "final"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / "metrics.jsonl").write_text("")
-
-
 def _save(model, tokenizer, path: Path) -> None:
     """Save in Hugging Face format through a temporary directory renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
@@ -301,93 +261,6 @@ def _jsonable(obj):
     return obj
 
 
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Settings that differ between a run's saved config.json and the resumed one."""
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
-
-
-# Settings that may change on --resume without breaking exactness.
-_RESUMABLE_CHANGES = {"run.iterations", "run.resume", "run.out", "run.overwrite", "run.wandb", "run.device"}
-
-
-def _read_metrics(path: Path, upto: int) -> list[str]:
-    """The lines of ``metrics.jsonl`` for iterations ``<= upto`` (a crashed run may have logged rows
-    after its last checkpoint; they are dropped so the resumed run writes each iteration once).
-
-    Raises:
-        ValueError: a line other than the last is not a JSON object with an integer ``iteration``
-            (file:line named); a torn last line (a crash mid-write) is dropped.
-    """
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    keep = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            iteration = int(json.loads(line)["iteration"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            if n == len(lines):
-                break
-            raise ValueError(f"{path}:{n}: not a metrics row ({type(exc).__name__}: {exc})") from exc
-        if iteration <= upto:
-            keep.append(line)
-    return keep
-
-
-class _StopRequests:
-    """SIGTERM / SIGINT during training: the first asks the loop to finish the current iteration,
-    write a checkpoint and exit (code 128 + signal); a second one abandons the iteration at once
-    (KeyboardInterrupt; the last checkpoint on disk is intact). Installed only in the main thread."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: abandoning the current iteration")
-        self.signum = signum
-        print(f"[langenv] {signal.Signals(signum).name} received: finishing this iteration, then writing a checkpoint "
-              f"and stopping (send it again to stop at once)", file=sys.stderr, flush=True)
-
-
-class NonFiniteUpdatesError(RuntimeError):
-    """Too many optimiser steps in a row were skipped for a NaN/inf loss or gradient."""
-
-
-class TrainingInterrupted(SystemExit):
-    """Raised after a SIGTERM/SIGINT once the checkpoint is written; its code is 128 + the signal."""
-
-
-def _nonfinite_streak(streak: int, metrics: dict[str, float]) -> int:
-    """Consecutive skipped (non-finite) mini-batches after this iteration's update: the run's streak
-    grows by this iteration's count when it made no optimiser step, else restarts from the
-    non-finite mini-batches at the end of its update (``update/nonfinite_trailing``)."""
-    bad = int(metrics.get("update/nonfinite_minibatches", 0))
-    if metrics.get("update/optimizer_steps", 0) == 0:
-        return streak + bad
-    return int(metrics.get("update/nonfinite_trailing", 0))
-
-
 def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> dict[str, Any]:
     """Run an algorithm up to ``run.iterations`` iterations (the total; a resumed run continues
     from its checkpoint); returns a summary.
@@ -401,7 +274,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     optional ``save(path)``, e.g. PPO's critic); ``summary.json`` last. Mirrors metrics to wandb.
 
     Raises:
-        FileExistsError / PermissionError: see `_prepare_out` (before any model is loaded).
+        FileExistsError / PermissionError: see `prepare_out` (before any model is loaded).
         CheckpointError: a checkpoint could not be written or read (the previous one is intact).
         NonFiniteUpdatesError: ``max_nonfinite_updates`` optimiser steps in a row were skipped for
             a NaN/inf loss or gradient.
@@ -414,7 +287,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     dist = current_dist()
     if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
         run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
-    out = _on_main_first(dist, lambda: _prepare_out(run, algo_name), share=True)
+    out = on_main_first(dist, lambda: prepare_out(run, algo_name), share=True)
     main_process = dist.is_main
     config_dump = {"algorithm": algo_name, "run": _jsonable(run), "algo": _jsonable(algo_config)}
     resume = load_checkpoint(out) if run.resume is not None else None
@@ -422,14 +295,14 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         saved = json.loads((out / "config.json").read_text())
         if saved.get("algorithm") != algo_name:
             raise ValueError(f"--resume {out}: the run was {saved.get('algorithm')!r}, not {algo_name!r}")
-        changed = [d for d in _config_differences(saved, config_dump)
-                   if d.split(":")[0] not in _RESUMABLE_CHANGES]
+        changed = [d for d in config_differences(saved, config_dump)
+                   if d.split(":")[0] not in RESUMABLE_CHANGES]
         if changed:
             print(f"[langenv] warning: resuming {out} with changed settings (the continuation is not exact): "
                   + "; ".join(changed), file=sys.stderr)
-    _seed_everything(run.seed)
+    seed_everything(run.seed)
 
-    policy, tokenizer = _on_main_first(dist, lambda: load_model(run, task))  # rank 0 builds the tiny cache
+    policy, tokenizer = on_main_first(dist, lambda: load_model(run, task))  # rank 0 builds the tiny cache
     threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -444,7 +317,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     eval_env.check_prompt_lengths(eval_problems)
     if main_process:
         if resume is None:
-            _start_out(out)
+            start_out(out)
         (out / "config.json").write_text(json.dumps(config_dump, indent=2))
     if run.canary_problems:
         from langenv.canary import check_canary
@@ -487,7 +360,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         sampler.update_weights(policy)
         state.update({k: saved_state[k] for k in state})
         if main_process:
-            metrics_rows = _read_metrics(out / "metrics.jsonl", state["iteration"])
+            metrics_rows = read_metrics(out / "metrics.jsonl", state["iteration"])
             (out / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics_rows))
         set_rng_state(saved_state["rng"], {"ctx": ctx.generator})
         print(f"[langenv] resuming {out} from {resume.path.name} (iteration {state['iteration']} of {run.iterations})")
@@ -515,7 +388,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         print(f"[langenv] {algo_name} on {run.task}: accuracy before training {before['eval/accuracy']:.3f} "
               f"({len(eval_problems)} test problems x {run.eval_samples})")
     stop_at = min(run.iterations, state["iteration"] + run.stop_after) if run.stop_after else run.iterations
-    with open(out / "metrics.jsonl" if main_process else os.devnull, "a") as metrics_file, _StopRequests() as stop:
+    with open(out / "metrics.jsonl" if main_process else os.devnull, "a") as metrics_file, StopRequests() as stop:
         def log(metrics: dict[str, Any]) -> None:
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
@@ -527,7 +400,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         for it in tqdm(range(state["iteration"], stop_at), desc=f"{algo_name} iterations", unit="it",
                        initial=state["iteration"], total=run.iterations):
             problems = select_prompts(env.problems, algo_config.prompts_per_iteration, run.seed, it)
-            metrics = _combine_ranks(dist, algorithm.iteration(dist.shard(problems), it))
+            metrics = combine_ranks(dist, algorithm.iteration(dist.shard(problems), it))
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
             done = it + 1
@@ -537,7 +410,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
             signum = int(dist.all_reduce_sum(torch.tensor([float(stop.signum or 0)])).item()) if dist.world_size > 1 \
                 else stop.signum
             stop.signum = signum or None
-            state["nonfinite_streak"] = _nonfinite_streak(state["nonfinite_streak"], metrics)
+            state["nonfinite_streak"] = nonfinite_streak(state["nonfinite_streak"], metrics)
             state["iteration"], state["elapsed"] = done, time.perf_counter() - start
             log({"iteration": done, **metrics, **totals, "nonfinite/streak": float(state["nonfinite_streak"]),
                  "time/elapsed": state["elapsed"]})
@@ -586,51 +459,6 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     print(f"[langenv] outputs: {out}/ (config.json, metrics.jsonl, summary.json, final/ model in Hugging Face format, "
           f"checkpoints/)")
     return summary
-
-
-def _on_main_first(dist: Dist, fn: Callable[[], Any], share: bool = False) -> Any:
-    """``fn()`` on rank 0 first (it may create files the others then read), then on the other
-    ranks — or, with ``share``, rank 0's result sent to them instead. With one process just
-    ``fn()``. An error on rank 0 is raised on every rank."""
-    if dist.world_size == 1:
-        return fn()
-    result, error = None, None
-    if dist.is_main:
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised on every rank below
-            error = exc
-    failed, shared = dist.broadcast_object((None if error is None else f"{type(error).__name__}: {error}",
-                                            result if share else None))
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise RuntimeError(f"rank 0 failed during setup: {failed}")
-    if dist.is_main:
-        return result
-    return shared if share else fn()
-
-
-def _combine_ranks(dist: Dist, metrics: dict[str, float]) -> dict[str, float]:
-    """One metrics row for the whole group: counts (``tokens/``, ``grading/``) summed over ranks,
-    everything else averaged (ranks hold equal shards; ``update/`` statistics are already global)."""
-    if dist.world_size == 1:
-        return metrics
-    rows = dist.all_gather_object(metrics)
-    combined = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows if key in r]
-        if key.startswith(("tokens/", "grading/")):
-            combined[key] = float(sum(values))
-        else:
-            combined[key] = float(sum(values) / len(values))
-    return combined
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _make_sampler(run: RunConfig, policy, tokenizer, context: int | None, out: Path) -> Sampler:

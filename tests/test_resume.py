@@ -174,3 +174,13 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, guess_model
     start = weights(guess_model_dir)
     now = seen["policy"].state_dict()
     assert all(torch.equal(start[k], now[k]) for k in start)
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, guess_model_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    flags = [*common(guess_model_dir, out, 2), *ALGO_FLAGS["grpo"].split(), "--wandb", "offline"]
+    main(["algo:grpo", *flags, "--stop-after", "1"])
+    main(["--resume", str(out), "--wandb", "offline"])
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs
