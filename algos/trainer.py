@@ -3,8 +3,12 @@
 
 An algorithm is a class built as ``Algo(config, ctx, total_iterations)`` whose
 ``iteration(problems, iteration) -> dict[str, float]`` does one iteration's collection and update
-and returns its metrics. Everything else (model loading, the offline warm start, environments,
-sampler, seeding, evaluation, metrics files, wandb, checkpoints) lives here.
+and returns its metrics; optional ``state_dict()`` / ``load_state_dict(state)`` carry what a resumed
+run needs besides the policy (optimiser, LR schedule, critic, ...), an optional ``save(path)`` writes
+extra Hugging Face artefacts, and ``supports_distributed = True`` allows several processes.
+Everything else (model loading, the offline warm start, environments, sampler, seeding, evaluation,
+metrics files, wandb) lives here; checkpoint files in `algos.checkpoint`; the run directory,
+resume helpers, signals and the non-finite guard in `algos.run_control`.
 """
 
 from __future__ import annotations
