@@ -81,7 +81,8 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 
 # Settings that may change on --resume without breaking exactness.
-RESUMABLE_CHANGES = {"run.iterations", "run.resume", "run.out", "run.overwrite", "run.wandb", "run.device"}
+RESUMABLE_CHANGES = {"run.iterations", "run.resume", "run.out", "run.overwrite", "run.wandb", "run.device",
+                     "run.stop_after"}
 
 
 def read_metrics(path: Path, upto: int) -> list[str]:

@@ -75,7 +75,9 @@ def _resume_command(argv: list[str], run_dir: Path):
             raise ValueError(f"--resume {run_dir}: the run is algo:{name}, not {argv[0]}")
         argv = argv[1:]
     entry = ALGORITHMS[name]
-    default = COMMANDS[name](run=_from_json(RunConfig, saved["run"], f"{config}: run"),
+    # one-off flags of the earlier invocation do not carry over: it was a fresh start, it stopped early
+    saved_run = {**saved["run"], "overwrite": False, "stop_after": None, "resume": None}
+    default = COMMANDS[name](run=_from_json(RunConfig, saved_run, f"{config}: run"),
                              algo=_from_json(entry.config, saved["algo"], f"{config}: algo"))
     return tyro.cli(COMMANDS[name], args=argv, default=default, config=(tyro.conf.OmitArgPrefixes,))
 

@@ -184,3 +184,15 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, guess_model_dir, mon
     main(["--resume", str(out), "--wandb", "offline"])
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({name.rsplit("-", 1)[1] for name in runs}) == 1, runs
+
+
+def test_one_off_flags_of_the_first_invocation_do_not_carry_over(tmp_path, guess_model_dir):
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")  # an old run, replaced with --overwrite
+    flags = [*common(guess_model_dir, out, 3), *ALGO_FLAGS["grpo"].split()]
+    main(["algo:grpo", *flags, "--overwrite", "--stop-after", "1"])
+    summary = main(["--resume", str(out)])  # neither --overwrite nor --stop-after 1 applies again
+    assert summary["iterations"] == 3 and (out / "summary.json").exists()
+    rows = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [0, 1, 2, 3]
