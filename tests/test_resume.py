@@ -2,7 +2,7 @@
 
 The exact-resume test follows torchtune's ``test_training_state_on_resume``: a straight run of N
 iterations must equal N/2 iterations, then a *new process* with ``--resume``, then the rest —
-identical metrics (time fields aside) and bitwise-identical parameters on CPU.
+identical metrics (time fields aside) and bitwise-identical parameters on CPU — for every algorithm.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ ALGO_FLAGS = {
     "vineppo": "--samples-per-prompt 2 --mc-rollouts 2 --minibatch-size 4 --micro-batch-size 2 --learning-rate 1e-3",
     "ppo": "--samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 2 --learning-rate 1e-3 --critic-learning-rate 1e-3",
     "grpo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
+    "rloo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3 --kl-coef 0.05",
+    "dpo-plus": "--samples-per-prompt 4 --batch-size 4 --micro-batch-size 4 --learning-rate 1e-3",
+    "restem": "--samples-per-prompt 4 --batch-size 4 --micro-batch-size 4 --learning-rate 1e-3 --epochs 1 "
+              "--validation-problems 4 --validation-samples 1 --early-stop-method last",
+    "sft": "--learning-rate 1e-3",
 }
 
 # Runs a CLI command in a fresh interpreter with the test-only `guess` task registered.
