@@ -289,6 +289,10 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     if run.model != "tiny":
         check_model_source(run.model)
     dist = current_dist()
+    if dist.world_size == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        print("[langenv] note: running as one process. `accelerate launch --cpu` starts several processes only "
+              "through MPI; on a CPU use `accelerate launch --multi_gpu --num_processes N` or `torchrun "
+              "--nproc_per_node N` (gloo is picked automatically without CUDA)", file=sys.stderr)
     if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
         run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
     out = on_main_first(dist, lambda: prepare_out(run, algo_name), share=True)
