@@ -47,7 +47,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from algos.sampling import Completion, SamplingParams
+from algos.sampling import Completion, SamplingParams, check_sampler_args, finish_completion, prompt_caps
 
 __all__ = ["PrefixSharingSampler", "SamplerStats", "stop_candidate_mask"]
 
@@ -240,21 +240,11 @@ class PrefixSharingSampler:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None,
                  bucket_slack: float = 0.25, prealloc_tokens: int = 256):
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size: expected an int >= 1, got {max_batch_size!r}")
-        if max_context is None:
-            max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        bad_context = isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1
-        if max_context is not None and bad_context:
-            raise ValueError(f"max_context: expected an int >= 1 or None, got {max_context!r}")
+        max_context = check_sampler_args(model, tokenizer, max_batch_size, max_context, "PrefixSharingSampler")
         if isinstance(bucket_slack, bool) or not isinstance(bucket_slack, (int, float)) or not bucket_slack >= 0:
             raise ValueError(f"bucket_slack: expected a number >= 0, got {bucket_slack!r}")
         if isinstance(prealloc_tokens, bool) or not isinstance(prealloc_tokens, int) or prealloc_tokens < 0:
             raise ValueError(f"prealloc_tokens: expected an int >= 0, got {prealloc_tokens!r}")
-        if tokenizer.eos_token_id is None:
-            raise ValueError(
-                "tokenizer has no EOS token (eos_token_id is None); PrefixSharingSampler needs one to stop sequences"
-            )
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -284,19 +274,7 @@ class PrefixSharingSampler:
             ValueError: an empty prompt, or a prompt longer than ``max_context`` (naming its
                 index, its length and the limit).
         """
-        prompts = [[int(t) for t in p] for p in prompts]
-        caps = []
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. BOS)")
-            cap = params.max_new_tokens
-            if self.max_context is not None:
-                if len(p) > self.max_context:
-                    raise ValueError(
-                        f"prompt {i} has {len(p)} tokens, more than the context limit max_context={self.max_context}"
-                    )
-                cap = min(cap, self.max_context - len(p))
-            caps.append(cap)
+        prompts, caps = prompt_caps(prompts, params.max_new_tokens, self.max_context)
 
         # Distinct prompts; each owns the rows (i, j) of every occurrence i and sample j.
         owner: dict[tuple[int, ...], int] = {}
@@ -494,47 +472,8 @@ class PrefixSharingSampler:
         completions = []
         for r in range(n_rows):
             n = lengths[r]
-            comp = self._finish(tokens[r][:n], logprobs[r][:n], stops, window_hit.get(r))
+            comp = finish_completion(self.tokenizer, self.eos_id, tokens[r][:n], logprobs[r][:n], stops,
+                                     window_hit.get(r))
             self.stats.generated_tokens += len(comp.token_ids)
             completions.append(comp)
         return completions
-
-    # ---- the same finishing rules as `HFSampler._finish` / `_stop_string_end` (algos/sampling.py)
-
-    def _finish(self, tokens: list[int], logprobs: list[float], stop_strings: tuple[str, ...],
-                window_hit: int | None) -> Completion:
-        """Cut a row at EOS or the stop string and decode it (rules of `HFSampler._finish`)."""
-        end, reason = len(tokens), "length"
-        if self.eos_id in tokens:
-            end, reason = tokens.index(self.eos_id) + 1, "stop"
-        stop_at = self._stop_string_end(tokens[:end], stop_strings)
-        if stop_at is not None:
-            end, reason = stop_at, "stop"
-        elif window_hit is not None and window_hit <= end:
-            end, reason = window_hit, "stop"
-        tokens = tokens[:end]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if stop_at is not None:
-            text = text[: min(text.find(s) for s in stop_strings if s in text)]
-        return Completion(tokens, logprobs[:end], reason, text)
-
-    def _stop_string_end(self, tokens: list[int], stop_strings: tuple[str, ...]) -> int | None:
-        """Smallest k such that the decoded ``tokens[:k]`` contains a stop string, or None (binary
-        search; decoding is prefix-monotone for the tokenizers we use)."""
-        if not stop_strings:
-            return None
-
-        def hit(k: int) -> bool:
-            text = self.tokenizer.decode(tokens[:k], skip_special_tokens=True)
-            return any(s in text for s in stop_strings)
-
-        if not hit(len(tokens)):
-            return None
-        lo, hi = 1, len(tokens)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if hit(mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return hi

@@ -22,7 +22,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-__all__ = ["SamplingParams", "Completion", "Sampler", "HFSampler"]
+__all__ = ["SamplingParams", "Completion", "Sampler", "HFSampler", "check_sampler_args", "prompt_caps",
+           "stop_string_end", "finish_completion"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,102 @@ class Completion:
     logprobs: list[float]
     finish_reason: str
     text: str
+
+
+# --------------------------------------------------------------------------------------------
+# Rules every in-process sampler shares (`HFSampler`, `algos.fast_sampler.PrefixSharingSampler`)
+
+
+def check_sampler_args(model, tokenizer, max_batch_size, max_context, sampler: str) -> int | None:
+    """Validate the common constructor arguments; returns the context limit to use (``max_context``,
+    else the model's ``config.max_position_embeddings``, else None).
+
+    Raises:
+        ValueError: naming the bad argument, or a tokenizer without EOS.
+    """
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size: expected an int >= 1, got {max_batch_size!r}")
+    if max_context is None:
+        max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    bad_context = isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1
+    if max_context is not None and bad_context:
+        raise ValueError(f"max_context: expected an int >= 1 or None, got {max_context!r}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer has no EOS token (eos_token_id is None); {sampler} needs one to stop sequences")
+    return max_context
+
+
+def prompt_caps(prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                max_context: int | None) -> tuple[list[list[int]], list[int]]:
+    """The prompts as int lists, and each one's generation cap: ``max_new_tokens``, cut so that
+    prompt + completion fits ``max_context`` (0 when the prompt fills it exactly).
+
+    Raises:
+        ValueError: an empty prompt, or one longer than ``max_context`` (naming its index, its
+            length and the limit).
+    """
+    prompts = [[int(t) for t in p] for p in prompts]
+    caps = []
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. BOS)")
+        cap = max_new_tokens
+        if max_context is not None:
+            if len(p) > max_context:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than the context limit "
+                                 f"max_context={max_context}")
+            cap = min(cap, max_context - len(p))
+        caps.append(cap)
+    return prompts, caps
+
+
+def stop_string_end(tokenizer, tokens: list[int], stop_strings: tuple[str, ...]) -> int | None:
+    """Smallest k such that the decoded ``tokens[:k]`` contains a stop string, or None.
+
+    Binary search: decoding is prefix-monotone for the tokenizers we use (a string present in
+    the text of ``tokens[:k]`` is present in that of ``tokens[:k+1]``).
+    """
+    if not stop_strings:
+        return None
+
+    def hit(k: int) -> bool:
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    if not hit(len(tokens)):
+        return None
+    lo, hi = 1, len(tokens)  # hit(hi) is True
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hit(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def finish_completion(tokenizer, eos_id: int, tokens: list[int], logprobs: list[float],
+                      stop_strings: tuple[str, ...], window_hit: int | None) -> Completion:
+    """Cut one generated row (padding included) at EOS or the stop string, and decode it.
+
+    ``window_hit`` is the generated-token count at which a sampler's windowed stop check stopped
+    the row, if it did. A row that ran its whole loop without either reached its cap ("length").
+    """
+    end, reason = len(tokens), "length"
+    if eos_id in tokens:
+        end, reason = tokens.index(eos_id) + 1, "stop"
+    stop_at = stop_string_end(tokenizer, tokens[:end], stop_strings)
+    if stop_at is not None:
+        end, reason = stop_at, "stop"
+    elif window_hit is not None and window_hit <= end:
+        # The windowed check saw a stop string that the full decode does not contain (only for
+        # exotic tokenizers, e.g. a stop string holding U+FFFD): the row did stop there.
+        end, reason = window_hit, "stop"
+    tokens = tokens[:end]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if stop_at is not None:
+        text = text[: min(text.find(s) for s in stop_strings if s in text)]
+    return Completion(tokens, logprobs[:end], reason, text)
 
 
 @runtime_checkable
@@ -216,15 +313,7 @@ class HFSampler:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None,
                  cache_implementation: str | None = None):
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size: expected an int >= 1, got {max_batch_size!r}")
-        if max_context is None:
-            max_context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        bad_context = isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1
-        if max_context is not None and bad_context:
-            raise ValueError(f"max_context: expected an int >= 1 or None, got {max_context!r}")
-        if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer has no EOS token (eos_token_id is None); HFSampler needs one to stop sequences")
+        max_context = check_sampler_args(model, tokenizer, max_batch_size, max_context, "HFSampler")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -248,19 +337,7 @@ class HFSampler:
             ValueError: an empty prompt, or a prompt longer than ``max_context`` (naming its
                 index, its length and the limit).
         """
-        prompts = [[int(t) for t in p] for p in prompts]
-        caps = []
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. BOS)")
-            cap = params.max_new_tokens
-            if self.max_context is not None:
-                if len(p) > self.max_context:
-                    raise ValueError(
-                        f"prompt {i} has {len(p)} tokens, more than the context limit max_context={self.max_context}"
-                    )
-                cap = min(cap, self.max_context - len(p))
-            caps.append(cap)
+        prompts, caps = prompt_caps(prompts, params.max_new_tokens, self.max_context)
 
         # One row per (prompt, sample). Longest prompts first; rows that share a length share a
         # cap, so cutting chunks where the cap changes keeps every row within its own cap.
@@ -347,52 +424,6 @@ class HFSampler:
         logprobs = torch.stack(gather.steps[:n_steps], dim=1).cpu() if n_steps else torch.zeros(len(prompts), 0)
         hits = stop_check.first_hit if stop_check is not None else [None] * len(prompts)
         return [
-            self._finish(generated[r].tolist(), logprobs[r].tolist(), params, hits[r]) for r in range(len(prompts))
+            finish_completion(self.tokenizer, self.eos_id, generated[r].tolist(), logprobs[r].tolist(),
+                              params.stop_strings, hits[r]) for r in range(len(prompts))
         ]
-
-    def _finish(
-        self, tokens: list[int], logprobs: list[float], params: SamplingParams, window_hit: int | None
-    ) -> Completion:
-        """Cut one generated row (padding included) at EOS or the stop string, and decode it.
-
-        ``window_hit`` is the step count at which `_StopOnGeneratedText` stopped the row, if it did.
-        """
-        end, reason = len(tokens), "length"  # a row that ran the whole loop reached its cap
-        if self.eos_id in tokens:
-            end, reason = tokens.index(self.eos_id) + 1, "stop"
-        stop_at = self._stop_string_end(tokens[:end], params.stop_strings)
-        if stop_at is not None:
-            end, reason = stop_at, "stop"
-        elif window_hit is not None and window_hit < end:
-            # The windowed check saw a stop string that the full decode does not contain (only
-            # for exotic tokenizers, e.g. a stop string holding U+FFFD): the row did stop there.
-            end, reason = window_hit, "stop"
-        tokens = tokens[:end]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if stop_at is not None:
-            text = text[: min(text.find(s) for s in params.stop_strings if s in text)]
-        return Completion(tokens, logprobs[:end], reason, text)
-
-    def _stop_string_end(self, tokens: list[int], stop_strings: tuple[str, ...]) -> int | None:
-        """Smallest k such that the decoded ``tokens[:k]`` contains a stop string, or None.
-
-        Binary search: decoding is prefix-monotone for the tokenizers we use (a string present in
-        the text of ``tokens[:k]`` is present in that of ``tokens[:k+1]``).
-        """
-        if not stop_strings:
-            return None
-
-        def hit(k: int) -> bool:
-            text = self.tokenizer.decode(tokens[:k], skip_special_tokens=True)
-            return any(s in text for s in stop_strings)
-
-        if not hit(len(tokens)):
-            return None
-        lo, hi = 1, len(tokens)  # hit(hi) is True
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if hit(mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return hi

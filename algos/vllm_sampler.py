@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from algos.sampling import Completion, SamplingParams
+from algos.sampling import Completion, SamplingParams, stop_string_end
 
 __all__ = ["VLLMSampler", "make_vllm_sampler"]
 
@@ -341,7 +341,7 @@ class VLLMSampler:
         end, reason = len(tokens), "length"
         if self.eos_id in tokens:
             end, reason = tokens.index(self.eos_id) + 1, "stop"
-        stop_at = _stop_string_end(self.tokenizer, tokens[:end], params.stop_strings)
+        stop_at = stop_string_end(self.tokenizer, tokens[:end], params.stop_strings)
         if stop_at is not None:
             end, reason = stop_at, "stop"
         elif out.finish_reason == "stop":
@@ -353,28 +353,6 @@ class VLLMSampler:
         if stop_at is not None:
             text = text[: min(text.find(s) for s in params.stop_strings if s in text)]
         return Completion(tokens, logprobs[:end], reason, text)
-
-
-def _stop_string_end(tokenizer, tokens: list[int], stop_strings: tuple[str, ...]) -> int | None:
-    """Smallest k such that the decoded ``tokens[:k]`` contains a stop string, or None (binary
-    search; decoding is prefix-monotone for the tokenizers we use). Same as `HFSampler`."""
-    if not stop_strings:
-        return None
-
-    def hit(k: int) -> bool:
-        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
-        return any(s in text for s in stop_strings)
-
-    if not hit(len(tokens)):
-        return None
-    lo, hi = 1, len(tokens)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if hit(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
 
 
 def make_vllm_sampler(
