@@ -37,6 +37,33 @@ def small_model(tokenizer):
     return build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=2).eval()
 
 
+class ToyTask:
+    """``n`` problems whose answer is always 1, with a plain prompt (no stop strings): for tests that
+    feed fixed completions through a real `LanguageEnv`."""
+
+    name, grading_kind, stop_strings = "toy", "gsm8k", ()
+
+    def __init__(self, n=2):
+        from langenv.tasks.base import Problem
+
+        self.problems = [Problem(id=f"toy/{i}", question=f"pick {i}", solution="so\n#### 1", answer="1")
+                         for i in range(n)]
+
+    def load(self, split):
+        return self.problems
+
+    def prompt(self, problem):
+        return f"Q: {problem.question}\nA:"
+
+    def target(self, problem):
+        return problem.solution
+
+    def split_steps(self, response):
+        from langenv.steps import split_gsm8k
+
+        return split_gsm8k(response)
+
+
 class GuessTask:
     """A task where a lightly fine-tuned small model is right about half the time: the answer of
     problem i is 1 or 2 by parity of i, which the question does not reveal. Every algorithm then

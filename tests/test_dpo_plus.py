@@ -10,13 +10,13 @@ import torch.nn.functional as F
 
 from langenv import LanguageEnv, Problem
 from langenv.state import EnvState
-from langenv.steps import split_gsm8k
 from algos import core
 from algos.dpo_plus import DPOPlus, DPOPlusConfig, build_pairs, sequence_logprobs, warmup_decay_lr
 from algos.policy import clone_reference
 from algos.rollout import Episode
 from algos.sampling import Completion, HFSampler
 from algos.trainer import TrainContext
+from conftest import ToyTask
 
 
 # ----------------------------------------------------------------------------------------- loss
@@ -119,26 +119,6 @@ def test_warmup_decay_schedule_matches_transformers_for_one_round():
 
 
 # ------------------------------------------------------------------------------- one iteration
-
-class ToyTask:
-    name, grading_kind, stop_strings = "toy", "gsm8k", ()
-
-    def __init__(self, n=2):
-        self.problems = [Problem(id=f"toy/{i}", question=f"pick {i}", solution="so\n#### 1", answer="1")
-                         for i in range(n)]
-
-    def load(self, split):
-        return self.problems
-
-    def prompt(self, problem):
-        return f"Q: {problem.question}\nA:"
-
-    def target(self, problem):
-        return problem.solution
-
-    def split_steps(self, response):
-        return split_gsm8k(response)
-
 
 class FixedSampler:
     """Returns the same completions for every prompt, cycling through ``texts`` (graded against "1")."""

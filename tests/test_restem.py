@@ -10,12 +10,12 @@ import torch
 
 from langenv import LanguageEnv, Problem
 from langenv.state import EnvState
-from langenv.steps import split_gsm8k
 from algos.policy import clone_reference
 from algos.restem import RestEM, RestEMConfig, filter_kept, nll_loss, select_checkpoint
 from algos.rollout import Episode
 from algos.sampling import Completion
 from algos.trainer import TrainContext
+from conftest import ToyTask
 
 
 # ------------------------------------------------------------------------------------- filtering
@@ -73,26 +73,6 @@ def test_nll_is_a_per_sequence_token_mean(tokenizer, small_model):
 
 
 # ------------------------------------------------------------------------------------ iterations
-
-class ToyTask:
-    name, grading_kind, stop_strings = "toy", "gsm8k", ()
-
-    def __init__(self, n=2):
-        self.problems = [Problem(id=f"toy/{i}", question=f"pick {i}", solution="so\n#### 1", answer="1")
-                         for i in range(n)]
-
-    def load(self, split):
-        return self.problems
-
-    def prompt(self, problem):
-        return f"Q: {problem.question}\nA:"
-
-    def target(self, problem):
-        return problem.solution
-
-    def split_steps(self, response):
-        return split_gsm8k(response)
-
 
 class RecordingSampler:
     """Fixed completions (cycling through ``texts``); records its model's weights at every call.
