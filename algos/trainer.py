@@ -293,6 +293,9 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         print("[langenv] note: running as one process. `accelerate launch --cpu` starts several processes only "
               "through MPI; on a CPU use `accelerate launch --multi_gpu --num_processes N` or `torchrun "
               "--nproc_per_node N` (gloo is picked automatically without CUDA)", file=sys.stderr)
+    if dist.world_size > 1 and not getattr(build, "supports_distributed", False):  # `build` is the class
+        raise ValueError(f"algo:{algo_name} does not support multi-process training (world size {dist.world_size}); "
+                         f"run it in one process, or use vineppo, ppo, grpo or rloo")
     if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
         run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
     out = on_main_first(dist, lambda: prepare_out(run, algo_name), share=True)
@@ -335,9 +338,6 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist)
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
-    if dist.world_size > 1 and not getattr(algorithm, "supports_distributed", False):
-        raise ValueError(f"algo:{algo_name} does not support multi-process training (world size {dist.world_size}); "
-                         f"run it in one process, or use vineppo, ppo, grpo or rloo")
 
     def run_eval(iteration: int) -> dict[str, float]:
         t = time.perf_counter()

@@ -73,3 +73,4 @@ def test_algorithms_without_data_parallel_support_refuse_several_processes(tmp_p
                              "--max-new-tokens", "16", "--eval-problems", "4", "--canary-problems", "0"])
     assert done.returncode != 0
     assert "does not support multi-process training" in done.stderr
+    assert not out.exists()  # refused before anything was written
