@@ -47,7 +47,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from algos.sampling import Completion, SamplingParams, check_sampler_args, finish_completion, prompt_caps
+from algos.sampling import Completion, SamplingParams, check_sampler_args, copy_weights, finish_completion, prompt_caps
 
 __all__ = ["PrefixSharingSampler", "SamplerStats", "stop_candidate_mask"]
 
@@ -259,9 +259,7 @@ class PrefixSharingSampler:
 
     def update_weights(self, model) -> None:
         """Copy ``model``'s weights into the sampler's model (no-op when it is the same object)."""
-        if model is self.model:
-            return
-        self.model.load_state_dict(model.state_dict())
+        copy_weights(self.model, model)
 
     # ----------------------------------------------------------------------------------------
 

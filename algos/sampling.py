@@ -22,7 +22,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-__all__ = ["SamplingParams", "Completion", "Sampler", "HFSampler", "check_sampler_args", "prompt_caps",
+__all__ = ["SamplingParams", "Completion", "Sampler", "HFSampler", "check_sampler_args", "copy_weights", "prompt_caps",
            "stop_string_end", "finish_completion"]
 
 
@@ -117,6 +117,13 @@ def check_sampler_args(model, tokenizer, max_batch_size, max_context, sampler: s
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer has no EOS token (eos_token_id is None); {sampler} needs one to stop sequences")
     return max_context
+
+
+def copy_weights(target, source) -> None:
+    """Load ``source``'s weights into ``target`` (a sampler's own model); a no-op when they are the
+    same object, as when the sampler shares the policy."""
+    if source is not target:
+        target.load_state_dict(source.state_dict())
 
 
 def prompt_caps(prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -324,9 +331,7 @@ class HFSampler:
 
     def update_weights(self, model) -> None:
         """Copy ``model``'s weights into the sampler's model (no-op when it is the same object)."""
-        if model is self.model:
-            return
-        self.model.load_state_dict(model.state_dict())
+        copy_weights(self.model, model)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None

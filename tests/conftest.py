@@ -37,6 +37,21 @@ def small_model(tokenizer):
     return build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=2).eval()
 
 
+def fake_episodes(rewards_by_problem: dict[str, list[float]]) -> list:
+    """Finished episodes with the given rewards per problem id: prompt (1,), response (5, 6 + j, EOS=2)."""
+    from algos.rollout import Episode
+    from langenv.state import EnvState
+    from langenv.tasks.base import Problem
+
+    out = []
+    for pid, rewards in rewards_by_problem.items():
+        problem = Problem(id=pid, question="q", solution="s", answer="1")
+        for j, r in enumerate(rewards):
+            state = EnvState(problem, (1,), (5, 6 + j, 2), max_new_tokens=8, eos_token_id=2, terminated=True)
+            out.append(Episode(state, r, "correct" if r == 1.0 else "incorrect", f"{pid}-{j}"))
+    return out
+
+
 class ToyTask:
     """``n`` problems whose answer is always 1, with a plain prompt (no stop strings): for tests that
     feed fixed completions through a real `LanguageEnv`."""

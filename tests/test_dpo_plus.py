@@ -8,15 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from langenv import LanguageEnv, Problem
-from langenv.state import EnvState
+from langenv import LanguageEnv
 from algos import core
 from algos.dpo_plus import DPOPlus, DPOPlusConfig, build_pairs, sequence_logprobs, warmup_decay_lr
 from algos.policy import clone_reference
-from algos.rollout import Episode
 from algos.sampling import Completion, HFSampler
 from algos.trainer import TrainContext
-from conftest import ToyTask
+from conftest import ToyTask, fake_episodes as _episodes
 
 
 # ----------------------------------------------------------------------------------------- loss
@@ -65,16 +63,6 @@ def test_active_penalty_pushes_the_chosen_logprob_up_harder_than_dpo():
 
 
 # ---------------------------------------------------------------------------------------- pairs
-
-def _episodes(rewards_by_problem: dict[str, list[float]]) -> list[Episode]:
-    out = []
-    for pid, rewards in rewards_by_problem.items():
-        problem = Problem(id=pid, question="q", solution="s", answer="1")
-        for j, r in enumerate(rewards):
-            state = EnvState(problem, (1,), (5, 6 + j, 2), max_new_tokens=8, eos_token_id=2, terminated=True)
-            out.append(Episode(state, r, "correct" if r == 1.0 else "incorrect", f"{pid}-{j}"))
-    return out
-
 
 def test_pairs_are_correct_vs_incorrect_capped_and_skip_one_sided_problems():
     episodes = _episodes({

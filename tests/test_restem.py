@@ -8,27 +8,17 @@ import math
 import pytest
 import torch
 
-from langenv import LanguageEnv, Problem
+from langenv import LanguageEnv
 from langenv.state import EnvState
 from algos.policy import clone_reference
 from algos.restem import RestEM, RestEMConfig, filter_kept, nll_loss, select_checkpoint
 from algos.rollout import Episode
 from algos.sampling import Completion
 from algos.trainer import TrainContext
-from conftest import ToyTask
+from conftest import ToyTask, fake_episodes as _episodes
 
 
 # ------------------------------------------------------------------------------------- filtering
-
-def _episodes(rewards_by_problem: dict[str, list[float]]) -> list[Episode]:
-    out = []
-    for pid, rewards in rewards_by_problem.items():
-        problem = Problem(id=pid, question="q", solution="s", answer="1")
-        for j, r in enumerate(rewards):
-            state = EnvState(problem, (1,), (5, 6 + j, 2), max_new_tokens=8, eos_token_id=2, terminated=True)
-            out.append(Episode(state, r, "correct" if r == 1.0 else "incorrect", f"{pid}-{j}"))
-    return out
-
 
 def test_kept_samples_pass_the_threshold_and_respect_the_cap():
     episodes = _episodes({"a": [1.0] * 14 + [0.0] * 3, "b": [0.0, 1.0, 0.5, 1.0], "c": [0.0, 0.0]})
