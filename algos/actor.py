@@ -11,7 +11,7 @@ mini-batch whose mean ratio exceeds 10 is skipped. GRPO sets both aggregations t
 A mini-batch whose loss or gradient norm is NaN or infinite is skipped (no optimiser step) and
 counted in ``nonfinite_minibatches``; ``nonfinite_trailing`` counts those at the end of the update.
 
-Data parallelism (``dist``, `algos.distributed.Dist`): each rank passes its own shard of the
+Data parallelism (``dist``, `algos.training.distributed.Dist`): each rank passes its own shard of the
 iteration's episodes; ``minibatch_size`` is the global mini-batch, so a rank trains on
 ``minibatch_size // world_size`` of its episodes per optimiser step. Loss normalisers (token and
 sequence counts), whitening statistics, the max-ratio and non-finite decisions and the logged
@@ -45,11 +45,11 @@ import torch
 from torch import Tensor
 
 from algos import core
-from algos.policy import batch_sequences, response_logprobs
+from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode
 
 if TYPE_CHECKING:
-    from algos.distributed import Dist
+    from algos.training.distributed import Dist
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ActorSettings:
     parameter tiny models, 64 episodes, mini-batch 32, micro-batch 8, median of 3): 2.0x
     (arithmetic) and 2.2x (GSM8K) faster per update than float32 with unsorted micro-batches, 2.75x
     and 3.1x with length-sorted ones, with the start-of-update ratio within 1e-4 of 1. On CPUs
-    without fast bf16 kernels (`algos.sft.cpu_has_fast_bf16` False) it is slower; on GPUs it is the
+    without fast bf16 kernels (`algos.models.sft.cpu_has_fast_bf16` False) it is slower; on GPUs it is the
     usual mixed precision.
     """
 
@@ -87,7 +87,7 @@ class ActorSettings:
 
 
 #: With ``bf16_autocast``, micro-batch widths are rounded up to a multiple of this many tokens: on
-#: CPU every new shape adds to oneDNN's kernel cache (see `algos.sft.SFTConfig.pad_to_multiple_of`).
+#: CPU every new shape adds to oneDNN's kernel cache (see `algos.models.sft.SFTConfig.pad_to_multiple_of`).
 AUTOCAST_WIDTH_MULTIPLE = 32
 
 

@@ -51,12 +51,13 @@ import numpy as np
 import torch
 
 from algos import core
-from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
-                                 check_non_negative, check_positive, check_top_p, check_types)
-from algos.policy import batch_sequences, response_logprobs
+from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
-from algos.sampling import HFSampler, Sampler, SamplingParams
-from algos.trainer import TrainContext
+from algos.samplers.base import Sampler, SamplingParams
+from algos.samplers.hf import HFSampler
+from algos.training.checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
+                                   check_non_negative, check_positive, check_top_p, check_types)
+from algos.training.context import TrainContext
 
 
 @dataclass
@@ -105,7 +106,7 @@ class DPOPlusConfig:
     """With sample_from='policy': set π_ref to the current policy at the start of each iteration."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``DPOPlusConfig.<field>`` (see `algos.config_checks`)."""
+        """Raises TypeError / ValueError naming ``DPOPlusConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
         check_finite(self)
         check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
@@ -221,7 +222,7 @@ class DPOPlus:
         """The sampler over the frozen reference (built on first use): the same class as the
         trainer's sampler when that is an in-process one (fast or HF), else an `HFSampler`."""
         if self._reference_sampler is None:
-            from algos.fast_sampler import PrefixSharingSampler
+            from algos.samplers.prefix_sharing import PrefixSharingSampler
 
             ctx = self.ctx
             cls = type(ctx.sampler) if isinstance(ctx.sampler, (HFSampler, PrefixSharingSampler)) else HFSampler

@@ -28,12 +28,13 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
-from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_non_negative,
-                                 check_positive, check_top_p, check_types)
+from algos.config import make_optimizer
+from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
-from algos.sampling import SamplingParams
-from algos.sft import cpu_has_fast_bf16
-from algos.trainer import TrainContext, make_optimizer
+from algos.samplers.base import SamplingParams
+from algos.training.checks import (check_at_least, check_at_most, check_finite, check_fraction, check_non_negative,
+                                   check_positive, check_top_p, check_types)
+from algos.training.context import TrainContext
 
 
 @dataclass
@@ -84,7 +85,7 @@ class GRPOConfig:
     """β of the k3 KL-to-reference term in the loss (0 drops the reference forward pass)."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``GRPOConfig.<field>`` (see `algos.config_checks`);
+        """Raises TypeError / ValueError naming ``GRPOConfig.<field>`` (see `algos.training.checks`);
         ``aggregation`` must be one of `core.AggregationMode` (checked with the types)."""
         check_types(self)
         check_finite(self)
@@ -126,7 +127,7 @@ class GRPO:
     surrogate with a k3 KL in the loss."""
 
     name = "grpo"
-    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
+    supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
 
     def __init__(self, config: GRPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config

@@ -59,13 +59,14 @@ from transformers import AutoModel
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
-from algos.config_checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
-                                 check_top_p, check_types)
-from algos.policy import batch_sequences
+from algos.config import make_optimizer
+from algos.models.policy import batch_sequences
+from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
-from algos.sampling import SamplingParams
-from algos.sft import cpu_has_fast_bf16
-from algos.trainer import TrainContext, make_optimizer
+from algos.samplers.base import SamplingParams
+from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                   check_top_p, check_types)
+from algos.training.context import TrainContext
 
 __all__ = ["PPO", "CriticSettings", "PPOConfig", "ValueModel", "compute_values", "critic_update", "explained_variance",
            "terminal_rewards"]
@@ -124,7 +125,7 @@ class PPOConfig:
     """Whiten advantages over each mini-batch's response tokens (returns are not whitened)."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``PPOConfig.<field>`` (see `algos.config_checks`)."""
+        """Raises TypeError / ValueError naming ``PPOConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
         check_finite(self)
         check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
@@ -361,7 +362,7 @@ def critic_update(
         batch: a right-padded `batch_sequences` batch of the N episodes (this rank's shard).
         old_values, returns: (N, L) V_old(s_t) and G_t on the response tokens (0 elsewhere).
         generator: RNG for the mini-batch shuffle (one ``randperm(N)`` per epoch, as `actor_update`).
-        dist: an `algos.distributed.Dist`; None (or world size 1) is a single process. As in
+        dist: an `algos.training.distributed.Dist`; None (or world size 1) is a single process. As in
             `algos.actor.actor_update`: ``minibatch_size`` is global (``minibatch_size // world``
             episodes per rank and step), the token count of the mini-batch and the logged sums are
             reduced over ranks and gradients summed before clipping, so the update equals a
@@ -435,7 +436,7 @@ class PPO:
     """PPO with a learned critic (GAE advantages) and the shared PPO actor update."""
 
     name = "ppo"
-    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
+    supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
 
     def __init__(self, config: PPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config

@@ -50,14 +50,15 @@ from typing import Literal, Sequence
 
 import torch
 
-from langenv.env import LanguageEnv
-
-from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
-                                 check_non_negative, check_positive, check_top_p, check_types)
-from algos.policy import batch_sequences, response_logprobs
+from algos.config import make_optimizer
+from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
-from algos.sampling import SamplingParams
-from algos.trainer import TrainContext, evaluate, make_optimizer
+from algos.samplers.base import SamplingParams
+from algos.training.checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
+                                   check_non_negative, check_positive, check_top_p, check_types)
+from algos.training.context import TrainContext
+from algos.training.evaluation import evaluate
+from langenv.env import LanguageEnv
 
 EarlyStopMethod = Literal["restem_paper_original", "choose_best", "last"]
 
@@ -112,7 +113,7 @@ class RestEMConfig:
     improve; 'choose_best': the first checkpoint with the highest accuracy (all are evaluated); 'last': the final checkpoint, no selection."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``RestEMConfig.<field>`` (see `algos.config_checks`);
+        """Raises TypeError / ValueError naming ``RestEMConfig.<field>`` (see `algos.training.checks`);
         ``early_stop_method`` must be one of `EarlyStopMethod` (checked with the types)."""
         check_types(self)
         check_finite(self)

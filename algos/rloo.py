@@ -28,13 +28,14 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update, batch_logprobs
-from algos.config_checks import (check_at_least, check_at_most, check_finite, check_fraction, check_non_negative,
-                                 check_positive, check_top_p, check_types)
-from algos.policy import batch_sequences
+from algos.config import make_optimizer
+from algos.models.policy import batch_sequences
+from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
-from algos.sampling import SamplingParams
-from algos.sft import cpu_has_fast_bf16
-from algos.trainer import TrainContext, make_optimizer
+from algos.samplers.base import SamplingParams
+from algos.training.checks import (check_at_least, check_at_most, check_finite, check_fraction, check_non_negative,
+                                   check_positive, check_top_p, check_types)
+from algos.training.context import TrainContext
 
 
 @dataclass
@@ -79,7 +80,7 @@ class RLOOConfig:
     """PPO clip ε, active only when epochs > 1 or there are several mini-batches (off-policy steps)."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``RLOOConfig.<field>`` (see `algos.config_checks`);
+        """Raises TypeError / ValueError naming ``RLOOConfig.<field>`` (see `algos.training.checks`);
         ``aggregation`` must be one of `core.AggregationMode` (checked with the types)."""
         check_types(self)
         check_finite(self)
@@ -121,7 +122,7 @@ class RLOO:
     """REINFORCE Leave-One-Out."""
 
     name = "rloo"
-    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
+    supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
 
     def __init__(self, config: RLOOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from algos.samplers.base import Completion, Sampler, SamplingParams
 from langenv.env import LanguageEnv, StepResult
 from langenv.state import EnvState
-
-from algos.sampling import Completion, Sampler, SamplingParams
 
 
 @dataclass(frozen=True)

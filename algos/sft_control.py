@@ -4,7 +4,7 @@ A comparison of RL algorithms should show that they beat simply continuing the w
 "algorithm" takes the same prompts per iteration as the others and fine-tunes on the task's
 reference solutions of those problems (no sampling, no reward): ``steps_per_iteration`` AdamW steps
 per iteration on the per-sequence token-mean NLL of the response tokens and EOS, averaged over the
-batch (VinePPO's SFT loss, as `algos.sft.train_sft`). Tokenisation is the environment's: the prompt
+batch (VinePPO's SFT loss, as `algos.models.sft.train_sft`). Tokenisation is the environment's: the prompt
 ids of `LanguageEnv.initial_state` and ``tokenizer(target, add_special_tokens=False) + [EOS]``.
 """
 
@@ -17,10 +17,11 @@ from typing import Sequence
 import torch
 
 from algos import core
-from algos.config_checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
-                                 check_top_p, check_types)
-from algos.policy import batch_sequences, response_logprobs
-from algos.trainer import TrainContext, make_optimizer
+from algos.config import make_optimizer
+from algos.models.policy import batch_sequences, response_logprobs
+from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                   check_top_p, check_types)
+from algos.training.context import TrainContext
 
 
 @dataclass
@@ -49,7 +50,7 @@ class SFTControlConfig:
     """Nucleus mass of the trainer's sampled evaluation."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``SFTControlConfig.<field>`` (see `algos.config_checks`)."""
+        """Raises TypeError / ValueError naming ``SFTControlConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
         check_finite(self)
         check_positive(self, ("prompts_per_iteration", "steps_per_iteration", "learning_rate", "grad_clip",

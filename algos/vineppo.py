@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
+from algos.actor import ActorSettings, actor_update
+from algos.config import make_optimizer
+from algos.models.sft import cpu_has_fast_bf16
+from algos.rollout import Episode, collect_episodes, continue_states, episode_metrics
+from algos.samplers.base import SamplingParams
+from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                   check_top_p, check_types)
+from algos.training.context import TrainContext
 from langenv.state import EnvState
 from langenv.steps import step_char_offsets
-
-from algos.actor import ActorSettings, actor_update
-from algos.config_checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
-                                 check_top_p, check_types)
-from algos.rollout import Episode, collect_episodes, continue_states, episode_metrics
-from algos.sampling import SamplingParams
-from algos.sft import cpu_has_fast_bf16
-from algos.trainer import TrainContext, make_optimizer
 
 
 @dataclass
@@ -83,7 +83,7 @@ class VinePPOConfig:
     """Whiten advantages over each mini-batch's response tokens."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``VinePPOConfig.<field>`` (see `algos.config_checks`)."""
+        """Raises TypeError / ValueError naming ``VinePPOConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
         check_finite(self)
         # temperature > 0: the training log-probs divide the logits by it
@@ -176,7 +176,7 @@ class VinePPO:
     """The VinePPO algorithm: MC value estimates from restored prefix states + the PPO actor update."""
 
     name = "vineppo"
-    supports_distributed = True  # actor_update shards the batch across processes (algos.distributed)
+    supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
 
     def __init__(self, config: VinePPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config

@@ -96,7 +96,8 @@ def run_all(specs: list[RunSpec], task: str, model: str, iterations: int, out: P
         else:
             todo.append(spec)
     if model == "tiny" and todo:  # build the shared warm start once, before runs race for it
-        from algos.trainer import RunConfig, warm_start_tiny
+        from algos.models.warm_start import warm_start_tiny
+        from algos.training.config import RunConfig
         from langenv.tasks import make_task
 
         print(f"[compare] warm start for {task} (cached after the first build)")

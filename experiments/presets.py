@@ -19,7 +19,7 @@ from algos.ppo import PPO, PPOConfig
 from algos.restem import RestEM, RestEMConfig
 from algos.rloo import RLOO, RLOOConfig
 from algos.sft_control import SFTControl, SFTControlConfig
-from algos.trainer import RunConfig
+from algos.training.config import RunConfig
 from algos.vineppo import VinePPO, VinePPOConfig
 
 

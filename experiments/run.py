@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tyro  # noqa: E402
 
-from algos.trainer import RunConfig, train  # noqa: E402
+from algos.training.config import RunConfig
+from algos.training.loop import train  # noqa: E402
 from experiments.presets import ALGORITHMS, COMMANDS, paper_vineppo  # noqa: E402
 
 _PAPER = [("rho1b", "gsm8k", "RhoMath-1.1B SFT on GSM8K"), ("rho1b", "math", "RhoMath-1.1B SFT on MATH"),

@@ -21,7 +21,7 @@ def gsm8k_task():
 
 @pytest.fixture(scope="session")
 def tokenizer(gsm8k_task):
-    from algos.tiny import build_tokenizer
+    from algos.models.tiny import build_tokenizer
 
     problems = gsm8k_task.load("train")[:400]
     texts = [p.question for p in problems] + [gsm8k_task.target(p) for p in problems] + [gsm8k_task.prompt(problems[0])]
@@ -31,7 +31,7 @@ def tokenizer(gsm8k_task):
 @pytest.fixture
 def small_model(tokenizer):
     """A 2-layer random Llama, small enough for CPU tests."""
-    from algos.tiny import build_tiny_model
+    from algos.models.tiny import build_tiny_model
 
     torch.manual_seed(0)
     return build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=2).eval()
@@ -119,9 +119,9 @@ class GuessTask:
 def guess_model_dir(tmp_path_factory, tokenizer):
     """A 2-layer Llama fine-tuned for a few steps on the guess task (registered as ``guess``),
     saved with its tokenizer; greedy it answers one way, sampled it answers 1 or 2."""
-    from algos.sft import SFTConfig, train_sft
-    from algos.tiny import build_tiny_model
-    from langenv.tasks.base import register_task, _REGISTRY
+    from algos.models.sft import SFTConfig, train_sft
+    from algos.models.tiny import build_tiny_model
+    from langenv.tasks.base import _REGISTRY, register_task
 
     if "guess" not in _REGISTRY:
         register_task("guess", GuessTask)

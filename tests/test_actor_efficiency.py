@@ -10,14 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from algos.actor import (
-    ActorSettings,
-    actor_update,
-    batch_logprobs,
-    micro_batch_rows,
-    whiten_global,
-)
-from algos.policy import batch_sequences
+from algos.actor import ActorSettings, actor_update, batch_logprobs, micro_batch_rows, whiten_global
+from algos.models.policy import batch_sequences
 from algos.rollout import Episode
 from langenv import Problem
 from langenv.state import EnvState

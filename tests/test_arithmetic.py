@@ -1,5 +1,5 @@
 """The synthetic arithmetic task (langenv/tasks/arithmetic.py), the character tokenizer
-(algos/tiny.py) and the per-task tiny warm-start setup (algos/sft.py)."""
+(algos/models/tiny.py) and the per-task tiny warm-start setup (algos/models/sft.py)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,10 @@ from gymnasium.utils.env_checker import check_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import langenv
-from algos.sft import (
-    TINY_ARITHMETIC_MODEL,
-    TINY_ARITHMETIC_SFT,
-    TINY_GSM8K_MODEL,
-    TINY_GSM8K_SFT,
-    WARM_START_MARKER,
-    SFTConfig,
-    TinySetup,
-    tiny_setup,
-    warm_start,
-    warm_start_key,
-)
-from algos.tiny import DEFAULT_VOCAB_SIZE, build_char_tokenizer, build_tiny_model
+from algos.models.sft import SFTConfig
+from algos.models.tiny import DEFAULT_VOCAB_SIZE, build_char_tokenizer, build_tiny_model
+from algos.models.warm_start import (TINY_ARITHMETIC_MODEL, TINY_ARITHMETIC_SFT, TINY_GSM8K_MODEL, TINY_GSM8K_SFT,
+                                     WARM_START_MARKER, TinySetup, tiny_setup, warm_start, warm_start_key)
 from langenv import grading
 from langenv.tasks import ArithmeticTask, make_task
 from langenv.tasks import arithmetic as arith

@@ -2,8 +2,8 @@
 names where there is a list), and nothing already written is changed.
 
 Groups: data files (`langenv.data.load_split`), tasks and the environment, algorithm configs
-(`algos.config_checks`), models and tokenizers (`algos.policy`), the command line
-(`experiments.run.main`, tyro usage errors) and the trainer (`algos.trainer.train`: run directory,
+(`algos.training.checks`), models and tokenizers (`algos.models.policy`), the command line
+(`experiments.run.main`, tyro usage errors) and the trainer (`algos.training.loop.train`: run directory,
 prompt length).
 """
 
@@ -368,7 +368,7 @@ def model_dir(tmp_path, tokenizer, small_model):
 
 
 def test_model_path_missing_names_the_path(tmp_path):
-    from algos.policy import load_policy
+    from algos.models.policy import load_policy
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match=rf"model directory not found: '{re.escape(str(missing))}'"):
@@ -376,7 +376,7 @@ def test_model_path_missing_names_the_path(tmp_path):
 
 
 def test_model_directory_without_config_json(tmp_path, tokenizer):
-    from algos.policy import load_policy
+    from algos.models.policy import load_policy
 
     tokenizer.save_pretrained(tmp_path)  # a tokenizer but no model
     with pytest.raises(FileNotFoundError, match=rf"model directory '{re.escape(str(tmp_path))}' has no config\.json"):
@@ -384,14 +384,14 @@ def test_model_directory_without_config_json(tmp_path, tokenizer):
 
 
 def test_bad_dtype_name(model_dir):
-    from algos.policy import load_policy
+    from algos.models.policy import load_policy
 
     with pytest.raises(ValueError, match=r"dtype: expected 'auto', a torch\.dtype or its name .*got 'float33'"):
         load_policy(str(model_dir), dtype="float33")
 
 
 def test_saved_tokenizer_without_eos_names_the_model(model_dir, tokenizer):
-    from algos.policy import load_policy
+    from algos.models.policy import load_policy
 
     no_eos = copy.deepcopy(tokenizer)
     no_eos.eos_token = None
@@ -401,19 +401,19 @@ def test_saved_tokenizer_without_eos_names_the_model(model_dir, tokenizer):
 
 
 def test_saved_tokenizer_without_pad_falls_back_to_eos_with_a_warning(model_dir, tokenizer, caplog):
-    from algos.policy import load_policy
+    from algos.models.policy import load_policy
 
     no_pad = copy.deepcopy(tokenizer)
     no_pad.pad_token = None
     no_pad.save_pretrained(model_dir)
-    with caplog.at_level(logging.WARNING, logger="algos.policy"):
+    with caplog.at_level(logging.WARNING, logger="algos.models.policy"):
         _, tok = load_policy(str(model_dir))
     assert tok.pad_token_id == tok.eos_token_id is not None
     assert f"tokenizer of '{model_dir}' has no PAD token; using EOS" in caplog.text
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(model_dir, tokenizer):
-    from algos.policy import load_policy
+    from algos.models.policy import load_policy
 
     bigger = copy.deepcopy(tokenizer)
     bigger.add_tokens([f"<extra_{i}>" for i in range(8)])
@@ -500,7 +500,7 @@ def test_cli_unknown_task_lists_tasks_before_anything_is_written(tmp_path):
 # ============================================================================ trainer: run directory and prompts
 
 def _run(out: Path, model: Path | str = "tiny", **overrides):
-    from algos.trainer import RunConfig
+    from algos.training.config import RunConfig
 
     settings = {"task": "guess", "model": str(model), "iterations": 0, "out": out, "wandb": "disabled",
                 "eval_problems": 2, "eval_sampled": False, "canary_problems": 0, "threads": 1}
@@ -536,17 +536,17 @@ def old_run(tmp_path):
 
 
 def _no_model_loading(monkeypatch):
-    import algos.trainer
+    import algos.training.loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(algos.trainer, "load_model", refuse)
+    monkeypatch.setattr(algos.training.loop, "load_model", refuse)
 
 
 @pytest.mark.parametrize("entry", ["cli", "train"])
 def test_existing_run_directory_is_refused_and_left_byte_identical(old_run, guess_task, monkeypatch, entry):
-    from algos.trainer import train
+    from algos.training.loop import train
     from experiments.run import main
 
     _no_model_loading(monkeypatch)
@@ -563,7 +563,7 @@ def test_existing_run_directory_is_refused_and_left_byte_identical(old_run, gues
 
 
 def test_overwrite_clears_the_previous_run_but_not_other_files(old_run, guess_model_dir):
-    from algos.trainer import train
+    from algos.training.loop import train
 
     train(_run(old_run, guess_model_dir, overwrite=True), "grpo", _grpo(), GRPO)
     rows = [json.loads(line) for line in (old_run / "metrics.jsonl").read_text().splitlines()]
@@ -574,7 +574,7 @@ def test_overwrite_clears_the_previous_run_but_not_other_files(old_run, guess_mo
 
 
 def test_unwritable_output_directory_is_refused_before_the_model_is_loaded(tmp_path, guess_task, monkeypatch):
-    from algos.trainer import train
+    from algos.training.loop import train
 
     out = tmp_path / "locked"
     out.mkdir()
@@ -592,7 +592,7 @@ def test_unwritable_output_directory_is_refused_before_the_model_is_loaded(tmp_p
 
 
 def test_output_directory_below_a_file_is_refused(tmp_path, guess_task, monkeypatch):
-    from algos.trainer import train
+    from algos.training.loop import train
 
     (tmp_path / "afile").write_text("x")
     _no_model_loading(monkeypatch)
@@ -615,7 +615,7 @@ def short_context_model(tmp_path_factory, guess_model_dir):
 
 
 def test_prompt_longer_than_the_model_context_names_problem_length_and_limit(tmp_path, short_context_model):
-    from algos.trainer import train
+    from algos.training.loop import train
 
     with pytest.raises(ValueError, match=r"problem guess/(train|test)/\d+: prompt is \d+ tokens, which leaves no room "
                                          r"for a response in a context of 8 tokens \(limit: prompts of at most 7 tokens\)"):
@@ -642,7 +642,7 @@ def test_tokenizer_without_eos_in_a_run_names_the_model(tmp_path, guess_model_di
 # ------------------------------------------------------------- behaviour that needs trainer wiring
 
 def test_train_with_a_missing_model_writes_nothing(tmp_path, guess_task):
-    from algos.trainer import train
+    from algos.training.loop import train
 
     out = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="model directory not found"):
@@ -651,7 +651,7 @@ def test_train_with_a_missing_model_writes_nothing(tmp_path, guess_task):
 
 
 def test_prompt_longer_than_context_is_refused_before_the_run_directory_is_written(tmp_path, short_context_model):
-    from algos.trainer import train
+    from algos.training.loop import train
 
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="leaves no room"):
@@ -661,7 +661,7 @@ def test_prompt_longer_than_context_is_refused_before_the_run_directory_is_writt
 
 @pytest.mark.parametrize("field, value", [("eval_top_p", 1.5), ("eval_temperature", -1.0)])
 def test_run_config_rejects_bad_eval_settings(field, value):
-    from algos.trainer import RunConfig
+    from algos.training.config import RunConfig
 
     with pytest.raises(ValueError, match=rf"RunConfig\.{field}: expected"):
         RunConfig(**{field: value})

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints (`algos.checkpoint`): atomic rename, `latest` written last, rotation after
+"""Crash-safe checkpoints (`algos.training.checkpoint`): atomic rename, `latest` written last, rotation after
 success, a full disk and a SIGKILL mid-write leave the previous checkpoint loadable."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from algos import checkpoint as ck
+from algos.training import checkpoint as ck
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_loadable(tmp_path
         import sys, time, torch
         sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
-        from algos import checkpoint as ck
+        from algos.training import checkpoint as ck
         root = Path({str(tmp_path / "checkpoints")!r})
         def policy(payload, hang):
             def save(path):
@@ -148,7 +148,8 @@ def test_truncated_checkpoint_file_names_the_file(tmp_path):
 
 def test_trainer_reports_a_failed_save_and_resumes_from_the_previous_checkpoint(tmp_path, guess_model_dir, monkeypatch):
     from algos.grpo import GRPO, GRPOConfig
-    from algos.trainer import RunConfig, train
+    from algos.training.config import RunConfig
+    from algos.training.loop import train
 
     out = tmp_path / "run"
     run = RunConfig(task="guess", model=str(guess_model_dir), iterations=3, out=out, wandb="disabled", eval_problems=4,

@@ -1,8 +1,8 @@
-"""Data-parallel updates (algos/distributed.py + the ``dist`` argument of actor_update / critic_update).
+"""Data-parallel updates (algos/training/distributed.py + the ``dist`` argument of actor_update / critic_update).
 
 The two-process test launches this file twice as a script (``python tests/test_distributed.py
 worker DIR``) with the environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), so `algos.distributed.current` initialises a gloo group through accelerate. Each
+MASTER_PORT), so `algos.training.distributed.current` initialises a gloo group through accelerate. Each
 rank trains on its shard; the test then checks that the ranks' parameters are bitwise equal and
 match a single-process update on the concatenated batch.
 """
@@ -24,9 +24,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from algos.actor import ActorSettings, actor_update
-from algos.distributed import Dist, current
-from algos.policy import batch_sequences
+from algos.models.policy import batch_sequences
 from algos.ppo import CriticSettings, ValueModel, compute_values, critic_update
+from algos.training.distributed import Dist, current
 
 N_EPISODES = 8  # global batch
 #: name -> (ActorSettings overrides, optimiser); one global mini-batch per epoch, so every rank's

@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ToyTask
+from conftest import fake_episodes as _episodes
 
-from langenv import LanguageEnv
 from algos import core
 from algos.dpo_plus import DPOPlus, DPOPlusConfig, build_pairs, sequence_logprobs, warmup_decay_lr
-from algos.policy import clone_reference
-from algos.sampling import Completion, HFSampler
-from algos.trainer import TrainContext
-from conftest import ToyTask, fake_episodes as _episodes
-
+from algos.models.policy import clone_reference
+from algos.samplers.base import Completion
+from algos.samplers.hf import HFSampler
+from algos.training.context import TrainContext
+from langenv import LanguageEnv
 
 # ----------------------------------------------------------------------------------------- loss
 
@@ -218,7 +219,8 @@ def test_default_reference_sampler_mirrors_the_trainer_sampler(tokenizer, small_
 
 
 def test_trainer_smoke_run(tmp_path, tokenizer, small_model):
-    from algos.trainer import RunConfig, train
+    from algos.training.config import RunConfig
+    from algos.training.loop import train
 
     model_dir = tmp_path / "model"
     small_model.save_pretrained(model_dir)

@@ -1,4 +1,4 @@
-"""Tests for algos.fast_sampler.PrefixSharingSampler against HFSampler and fresh forward passes.
+"""Tests for algos.samplers.prefix_sharing.PrefixSharingSampler against HFSampler and fresh forward passes.
 
 Models and tokenizers are built here from configs (no hub): the byte-level BPE and tiny random
 Llama of tests/test_sampling.py, and for the VinePPO check a character tokenizer over a 4-symbol
@@ -11,18 +11,19 @@ import math
 
 import pytest
 import torch
+from test_sampling import _no_eos, _prompts, _tiny_llama, _train_tokenizer, _with_output_bias
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from algos.fast_sampler import PrefixSharingSampler, stop_candidate_mask
-from algos.policy import batch_sequences, response_logprobs
+from algos.models.policy import batch_sequences, response_logprobs
+from algos.models.tiny import build_char_tokenizer, build_tiny_model
 from algos.rollout import collect_episodes, continue_states
-from algos.sampling import Completion, HFSampler, Sampler, SamplingParams
-from algos.tiny import build_char_tokenizer, build_tiny_model
+from algos.samplers.base import Completion, Sampler, SamplingParams
+from algos.samplers.hf import HFSampler
+from algos.samplers.prefix_sharing import PrefixSharingSampler, stop_candidate_mask
 from algos.vineppo import step_layout
 from langenv import LanguageEnv, Problem
 from langenv.steps import split_gsm8k
-from test_sampling import _no_eos, _prompts, _tiny_llama, _train_tokenizer, _with_output_bias
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from langenv import grading
-from langenv.grading import Grade, GradingPool, STATUSES, detect_kind, extract_answer, grade
+from langenv.grading import STATUSES, Grade, GradingPool, detect_kind, extract_answer, grade
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -225,7 +225,7 @@ def test_canary_catches_a_grader_that_says_yes_to_everything(tokenizer, monkeypa
 
 
 def test_canary_passes_on_arithmetic_with_a_char_tokenizer():
-    from algos.tiny import build_char_tokenizer
+    from algos.models.tiny import build_char_tokenizer
     from langenv.tasks import make_task
 
     task = make_task("arithmetic", train_size=200, validation_size=20, test_size=50)
@@ -261,7 +261,7 @@ def test_canary_fails_loudly_when_the_grading_path_raises(tokenizer, monkeypatch
 
 
 def test_canary_blames_the_tokenizer_not_the_grader():
-    from algos.tiny import build_char_tokenizer
+    from algos.models.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer(["0123456789 +-*=#\n"])  # cannot spell \boxed
     env = LanguageEnv("math", tok, split="test", max_new_tokens=2048)

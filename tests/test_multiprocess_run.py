@@ -36,7 +36,7 @@ def launch(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
         "from experiments.run import main\n"
         "main(sys.argv[1:])\n"
     )
-    # --multi_gpu is accelerate's torchrun launcher; without CUDA, algos.distributed picks gloo on CPU.
+    # --multi_gpu is accelerate's torchrun launcher; without CUDA, algos.training.distributed picks gloo on CPU.
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script), *args]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -11,19 +11,12 @@ import pytest
 import torch
 
 from algos import core
-from algos.policy import batch_sequences, clone_reference
-from algos.ppo import (
-    PPO,
-    CriticSettings,
-    PPOConfig,
-    ValueModel,
-    compute_values,
-    critic_update,
-    explained_variance,
-    terminal_rewards,
-)
-from algos.sampling import Completion
-from algos.trainer import TrainContext, make_optimizer
+from algos.config import make_optimizer
+from algos.models.policy import batch_sequences, clone_reference
+from algos.ppo import (PPO, CriticSettings, PPOConfig, ValueModel, compute_values, critic_update, explained_variance,
+                       terminal_rewards)
+from algos.samplers.base import Completion
+from algos.training.context import TrainContext
 from langenv import LanguageEnv, Problem
 from langenv.steps import split_gsm8k
 

@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
+from conftest import ToyTask
+from conftest import fake_episodes as _episodes
 
-from langenv import LanguageEnv
-from langenv.state import EnvState
-from algos.policy import clone_reference
+from algos.models.policy import clone_reference
 from algos.restem import RestEM, RestEMConfig, filter_kept, nll_loss, select_checkpoint
 from algos.rollout import Episode
-from algos.sampling import Completion
-from algos.trainer import TrainContext
-from conftest import ToyTask, fake_episodes as _episodes
-
+from algos.samplers.base import Completion
+from algos.training.context import TrainContext
+from langenv import LanguageEnv
+from langenv.state import EnvState
 
 # ------------------------------------------------------------------------------------- filtering
 
@@ -198,7 +198,8 @@ def test_real_validation_counts_tokens(tokenizer, small_model):
 
 
 def test_trainer_smoke_run(tmp_path, tokenizer, small_model):
-    from algos.trainer import RunConfig, train
+    from algos.training.config import RunConfig
+    from algos.training.loop import train
 
     model_dir = tmp_path / "model"
     small_model.save_pretrained(model_dir)

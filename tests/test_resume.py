@@ -154,7 +154,8 @@ def test_crashed_run_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path, g
 
 def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, guess_model_dir):
     from algos.grpo import GRPO, GRPOConfig
-    from algos.trainer import NonFiniteUpdatesError, RunConfig, train
+    from algos.training.config import RunConfig
+    from algos.training.loop import NonFiniteUpdatesError, train
 
     seen = {}
 

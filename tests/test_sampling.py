@@ -1,4 +1,4 @@
-"""Tests for algos.sampling (HFSampler) and algos.policy, on a tiny random Llama built offline.
+"""Tests for algos.samplers.base (HFSampler) and algos.models.policy, on a tiny random Llama built offline.
 
 The tokenizer is a byte-level BPE trained here on a few strings, with an alphabet of only the
 characters seen, so every token decodes to printable ASCII. Behaviours that a random model does
@@ -15,8 +15,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from algos.policy import batch_sequences, clone_reference, load_policy, response_logprobs, token_logprobs
-from algos.sampling import Completion, HFSampler, Sampler, SamplingParams
+from algos.models.policy import batch_sequences, clone_reference, load_policy, response_logprobs, token_logprobs
+from algos.samplers.base import Completion, Sampler, SamplingParams
+from algos.samplers.hf import HFSampler
 
 TEXTS = [
     "Janet has 16 eggs. She eats 3 for breakfast and bakes 4 into muffins.\nShe sells the rest.\n",
@@ -381,7 +382,7 @@ def test_load_policy_tokenizer_without_pad_or_eos(model, tmp_path, caplog):
     no_pad = tmp_path / "no_pad"
     model.save_pretrained(no_pad)
     _train_tokenizer(bos_token="<s>", eos_token="</s>").save_pretrained(no_pad)
-    with caplog.at_level(logging.WARNING, logger="algos.policy"):
+    with caplog.at_level(logging.WARNING, logger="algos.models.policy"):
         _, t = load_policy(str(no_pad))
     assert t.pad_token_id == t.eos_token_id and "no PAD" in caplog.text
     no_eos = tmp_path / "no_eos"

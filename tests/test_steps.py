@@ -10,14 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from langenv.data import load_split
-from langenv.steps import (
-    split_gsm8k,
-    split_math,
-    split_steps,
-    step_char_offsets,
-    step_token_boundaries,
-    token_step_ids,
-)
+from langenv.steps import split_gsm8k, split_math, split_steps, step_char_offsets, step_token_boundaries, token_step_ids
 
 SPLITTERS = (split_gsm8k, split_math)
 

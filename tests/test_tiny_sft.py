@@ -1,4 +1,4 @@
-"""The offline tiny model (algos/tiny.py) and the SFT step + cached warm start (algos/sft.py)."""
+"""The offline tiny model (algos/models/tiny.py) and the SFT step (algos/models/sft.py) + cached warm start (algos/models/warm_start.py)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import algos.sft as sft
-from algos.sft import (
-    IGNORE_INDEX,
-    SFTConfig,
-    WARM_START_MARKER,
-    sft_examples_to_batches,
-    sft_loss,
-    tokenize_sft_examples,
-    train_sft,
-    warm_start,
-)
-from algos.tiny import build_tiny_model, build_tokenizer, count_parameters, tiny_config
+import algos.models.warm_start as warm_start_module
+from algos.models.sft import (IGNORE_INDEX, SFTConfig, sft_examples_to_batches, sft_loss, tokenize_sft_examples,
+                              train_sft)
+from algos.models.tiny import build_tiny_model, build_tokenizer, count_parameters, tiny_config
+from algos.models.warm_start import WARM_START_MARKER, warm_start
 
 GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
 PROMPT = "[MATH_TASK] Problem:\n{question}\n\nSolution:"
@@ -363,7 +356,7 @@ def test_warm_start_caches_and_loads(examples, tmp_path, monkeypatch, one_thread
     def boom(*a, **k):
         raise AssertionError("train_sft must not run on a cache hit")
 
-    monkeypatch.setattr(sft, "train_sft", boom)
+    monkeypatch.setattr(warm_start_module, "train_sft", boom)
     assert warm_start("tiny-test", data, texts, **kwargs) == path
 
     # any change of inputs -> another directory (here: would train, and fail loudly, leaving nothing)

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from algos.models.policy import clone_reference
+from algos.rollout import collect_episodes
+from algos.samplers.base import Completion, SamplingParams
+from algos.training.context import TrainContext
+from algos.vineppo import VinePPO, VinePPOConfig, step_advantages, step_layout, token_advantages
 from langenv import LanguageEnv, Problem
 from langenv.steps import split_gsm8k
-from algos.policy import clone_reference
-from algos.rollout import collect_episodes
-from algos.sampling import Completion, SamplingParams
-from algos.trainer import TrainContext
-from algos.vineppo import VinePPO, VinePPOConfig, step_advantages, step_layout, token_advantages
 
 P_FIRST_A, P_CORRECT = 0.5, {"a": 0.9, "b": 0.2}
 
@@ -182,9 +182,9 @@ def test_config_rejects_bad_values():
 
 
 def test_layout_matches_brute_force_token_mapping_on_real_solutions(tokenizer, gsm8k_task):
+    from algos.rollout import Episode
     from langenv.state import EnvState
     from langenv.steps import step_char_offsets, token_step_ids
-    from algos.rollout import Episode
 
     for problem in gsm8k_task.load("test")[:40]:
         ids = tuple(tokenizer(gsm8k_task.target(problem), add_special_tokens=False).input_ids) + (tokenizer.eos_token_id,)

@@ -1,8 +1,8 @@
-"""Tests for algos.vllm_sampler.VLLMSampler against HFSampler on a tiny fp32 Llama (no hub).
+"""Tests for algos.samplers.vllm.VLLMSampler against HFSampler on a tiny fp32 Llama (no hub).
 
 Needs the optional `vllm` package, so every test is marked ``vllm`` (left out of the default run)
 and the module is skipped where vllm is missing. On a CPU machine, run it in the separate
-environment that holds the CPU build (see algos/vllm_sampler.py):
+environment that holds the CPU build (see algos/samplers/vllm.py):
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 /work/venv-vllm/bin/python -m pytest -q -m vllm \
         tests/test_vllm_sampler.py -p no:cacheprovider
@@ -20,10 +20,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from algos.policy import batch_sequences, response_logprobs
-from algos.sampling import Completion, HFSampler, Sampler, SamplingParams
-from algos.tiny import build_tiny_model
-from algos.vllm_sampler import VLLMSampler, make_vllm_sampler  # imports vllm lazily
+from algos.models.policy import batch_sequences, response_logprobs
+from algos.models.tiny import build_tiny_model
+from algos.samplers.base import Completion, Sampler, SamplingParams
+from algos.samplers.hf import HFSampler
+from algos.samplers.vllm import VLLMSampler, make_vllm_sampler  # imports vllm lazily
 
 pytestmark = pytest.mark.vllm
 

@@ -4,7 +4,7 @@
     python experiments/bench/env_grading.py --metrics RUN/metrics.jsonl       # + shares of an iteration
     python experiments/bench/env_grading.py --quick                           # fewer repeats / checks
 
-Measures, on GSM8K test problems with the offline tiny byte-level BPE tokenizer (`algos.tiny`,
+Measures, on GSM8K test problems with the offline tiny byte-level BPE tokenizer (`algos.models.tiny`,
 vocabulary 2,048, trained on 400 GSM8K train problems):
 
 * environment operations in microseconds per call (median of ``--repeats`` runs): `LanguageEnv.snapshot`,
@@ -21,7 +21,7 @@ vocabulary 2,048, trained on 400 GSM8K train problems):
   whose start-up (first call) is timed separately. ``pool share`` is the fraction of checks that
   needed a worker (sympy).
 
-With ``--metrics`` (a run's ``metrics.jsonl``, written by `algos.trainer`), the costs are set against
+With ``--metrics`` (a run's ``metrics.jsonl``, written by `algos.training.loop`), the costs are set against
 each logged iteration: ``time/grading`` (the run's own measurement of env stepping + grading, from
 `algos.rollout`) over ``time/iteration``, and estimates from this benchmark: env = completions x
 step_states µs per completion without grading; grading = completions / pool checks/s of the run's
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from algos.tiny import build_tokenizer
+    from algos.models.tiny import build_tokenizer
     from langenv.tasks import make_task
 
     task = make_task("gsm8k")

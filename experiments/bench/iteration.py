@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", type=Path, default=None, help="keep the run directories here (default: a temporary dir)")
     args = p.parse_args(argv)
 
-    from algos.trainer import warm_start_tiny
+    from algos.models.warm_start import warm_start_tiny
     from langenv.tasks import make_task
 
     warm_start_tiny(make_task(args.task), Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv")))

@@ -7,7 +7,7 @@ same budget, against a control that spends that budget on more SFT.
 
 Budget: every run does ``--iterations`` iterations of ``PROMPTS`` train problems (the trainer's prompt
 selection, so every algorithm sees the same problems for a seed) from the cached arithmetic warm start
-(`algos.sft.tiny_setup("arithmetic")`). The PPO family samples ``G`` responses per problem; VinePPO
+(`algos.models.warm_start.tiny_setup("arithmetic")`). The PPO family samples ``G`` responses per problem; VinePPO
 adds K Monte-Carlo rollouts per step boundary; DPO+ samples its pairs from the SFT model; RestEM
 samples ``G`` per problem and fine-tunes the base model on the correct ones; the SFT control takes
 ``SFT_STEPS`` optimiser steps per iteration on the reference solutions of the same problems. Wall

@@ -4,7 +4,7 @@
     python experiments/bench/mc_rollouts.py --prefixes 16 --k 4          # smaller
     python experiments/bench/mc_rollouts.py --threads 2 --out /tmp/mc.json
 
-Setup: the cached offline arithmetic model (`algos.trainer.warm_start_tiny`, built if absent) samples
+Setup: the cached offline arithmetic model (`algos.models.warm_start.warm_start_tiny`, built if absent) samples
 ``--problems`` x ``--samples`` trajectories (VinePPO settings: T 0.6, top-p 0.9, the task's stop string).
 Their step-boundary prefixes are computed as `algos.vineppo.VinePPO.estimate_values` computes them
 (`step_layout`, `EnvState.prefix`, identical prefixes merged), the first ``--prefixes`` are kept, and
@@ -14,8 +14,8 @@ the SAME prefixes are continued K times through `algos.rollout.continue_states` 
 1. ``naive``: one `model.generate(num_return_sequences=K)` call per prefix (stop strings checked by
    `HFSampler`'s stopping criterion, since transformers' own ``stop_strings`` fails on the character
    tokenizer; no log-probs are computed, which only favours it);
-2. ``hf_batched``: `algos.sampling.HFSampler`, all prefixes x K rows batched (``--batch-size`` rows);
-3. ``fast``: `algos.fast_sampler.PrefixSharingSampler` (one prefill per prefix, finished rows dropped).
+2. ``hf_batched``: `algos.samplers.hf.HFSampler`, all prefixes x K rows batched (``--batch-size`` rows);
+3. ``fast``: `algos.samplers.prefix_sharing.PrefixSharingSampler` (one prefill per prefix, finished rows dropped).
 
 After a short warm-up, each sampler runs ``--repeats`` times (interleaved with the others, each run
 with its own seed) and its fastest run is reported. Tokens are those of the returned completions
@@ -46,11 +46,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import GenerationConfig, StoppingCriteriaList  # noqa: E402
 
-from algos.fast_sampler import PrefixSharingSampler  # noqa: E402
-from algos.policy import load_policy  # noqa: E402
+from algos.models.policy import load_policy  # noqa: E402
+from algos.models.warm_start import warm_start_tiny  # noqa: E402
 from algos.rollout import collect_episodes, continue_states  # noqa: E402
-from algos.sampling import Completion, HFSampler, SamplingParams, _StopOnGeneratedText  # noqa: E402
-from algos.trainer import warm_start_tiny  # noqa: E402
+from algos.samplers.base import Completion, SamplingParams
+from algos.samplers.hf import HFSampler, _StopOnGeneratedText  # noqa: E402
+from algos.samplers.prefix_sharing import PrefixSharingSampler  # noqa: E402
 from algos.vineppo import step_layout  # noqa: E402
 from langenv.env import LanguageEnv  # noqa: E402
 from langenv.tasks import make_task  # noqa: E402

@@ -21,7 +21,7 @@ the log-softmax). ``ratio`` / ``clip_frac`` are the update's own statistics: wit
 computed in the same precision they show the precision noise (fp32: ratio 1, clip_frac 0).
 
 Models: the offline warm starts ``tiny-arithmetic-1ff0469af7546829`` and ``tiny-gsm8k-66a5d80612191031``
-under ``~/.cache/langenv`` (built by `algos.trainer.warm_start_tiny`), loaded in float32.
+under ``~/.cache/langenv`` (built by `algos.models.warm_start.warm_start_tiny`), loaded in float32.
 """
 
 from __future__ import annotations
@@ -40,13 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import torch
 
-from algos.actor import (
-    AUTOCAST_WIDTH_MULTIPLE,
-    ActorSettings,
-    actor_update,
-    micro_batch_rows,
-)
-from algos.policy import batch_sequences, clone_reference, load_policy
+from algos.actor import AUTOCAST_WIDTH_MULTIPLE, ActorSettings, actor_update, micro_batch_rows
+from algos.models.policy import batch_sequences, clone_reference, load_policy
 from algos.rollout import Episode
 from langenv.state import EnvState
 from langenv.tasks import make_task

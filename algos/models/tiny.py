@@ -3,7 +3,7 @@ small Llama-architecture causal LM built from a config (no download, no hub).
 
 `build_tokenizer` trains the tokenizer (`build_char_tokenizer` is the character-level alternative,
 for tasks with a small alphabet such as ``arithmetic``), `tiny_config` describes the model and `build_tiny_model`
-instantiates it with random weights; `algos.sft.warm_start` then fine-tunes it on the task's
+instantiates it with random weights; `algos.models.warm_start.warm_start` then fine-tunes it on the task's
 reference solutions and caches the result in Hugging Face format, so everything downstream loads it
 with ``AutoTokenizer`` / ``AutoModelForCausalLM`` exactly like a hub checkpoint.
 

@@ -1,4 +1,4 @@
-"""Run control around the training loop (`algos.trainer.train`): the run directory, resuming,
+"""Run control around the training loop (`algos.training.loop.train`): the run directory, resuming,
 signals, the non-finite update guard, and what several data-parallel processes share.
 
 Kept apart from the loop so `trainer.py` reads top to bottom; nothing here knows an algorithm.
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from algos.distributed import Dist
+from algos.training.distributed import Dist
 
 __all__ = ["NonFiniteUpdatesError", "TrainingInterrupted", "StopRequests", "prepare_out", "start_out",
            "config_differences", "RESUMABLE_CHANGES", "read_metrics", "nonfinite_streak", "on_main_first",

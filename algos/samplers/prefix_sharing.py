@@ -1,7 +1,7 @@
 """A sampler built for Monte-Carlo rollouts: many continuations of few (often long) prefixes.
 
-`PrefixSharingSampler` implements the `algos.sampling.Sampler` protocol with exactly the fields and
-conventions of `HFSampler` (see `algos.sampling`: log-prob ``log_softmax(logits / T)`` at the
+`PrefixSharingSampler` implements the `algos.samplers.base.Sampler` protocol with exactly the fields and
+conventions of `HFSampler` (see `algos.samplers.base`: log-prob ``log_softmax(logits / T)`` at the
 chosen token without top-p renormalisation, plain ``log_softmax`` for greedy; finish reasons
 ``"stop"`` / ``"length"``; stop strings searched in the generated text only, text cut before them;
 the context cap; the same errors), but runs its own decode loop on the model's forward pass with a
@@ -47,7 +47,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from algos.sampling import Completion, SamplingParams, check_sampler_args, copy_weights, finish_completion, prompt_caps
+from algos.samplers.base import (Completion, SamplingParams, check_sampler_args, copy_weights, finish_completion,
+                                 prompt_caps)
 
 __all__ = ["PrefixSharingSampler", "SamplerStats", "stop_candidate_mask"]
 
@@ -266,7 +267,7 @@ class PrefixSharingSampler:
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
     ) -> list[list[Completion]]:
-        """Sample ``params.n`` completions per prompt; see `algos.sampling.Sampler.generate`.
+        """Sample ``params.n`` completions per prompt; see `algos.samplers.base.Sampler.generate`.
 
         Raises:
             ValueError: an empty prompt, or a prompt longer than ``max_context`` (naming its

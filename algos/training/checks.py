@@ -10,7 +10,7 @@ preset or a config file names the class, the field, the rule and the offending v
 Typical order in a ``__post_init__``: `check_types` (so later comparisons never meet a string),
 `check_finite` (NaN slips through ``x < 0`` tests, inf through ``x > 0``), then the range checks.
 
-`check_run_config` applies the same checks to the shared run settings (`algos.trainer.RunConfig`),
+`check_run_config` applies the same checks to the shared run settings (`algos.training.config.RunConfig`),
 so the command line can call it before anything is loaded or written.
 """
 
@@ -215,7 +215,7 @@ def _optional(cfg: Any, name: str) -> bool:
 # ------------------------------------------------------------------------------------------ runs
 
 def check_run_config(run: Any) -> None:
-    """Validate the shared run settings (`algos.trainer.RunConfig`) before anything is loaded.
+    """Validate the shared run settings (`algos.training.config.RunConfig`) before anything is loaded.
 
     Complements ``RunConfig.__post_init__`` (iterations, eval_every, ... counts) with types,
     finiteness and the evaluation and sampler settings that are otherwise only checked (or not at

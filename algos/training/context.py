@@ -1,0 +1,70 @@
+"""The contract between the training loop and an algorithm.
+
+An algorithm is a class built as ``Algo(config, ctx, total_iterations)``:
+
+* ``iteration(problems, iteration) -> dict[str, float]`` does one iteration's collection and update
+  on this process's shard of the iteration's problems and returns its metrics (``update/*``,
+  ``time/*``, ``tokens/*`` summed over processes, ``grading/*`` counts, ...);
+* optional ``state_dict()`` / ``load_state_dict(state)`` carry what a resumed run needs besides the
+  policy (optimiser, LR schedule, critic, ...); optional ``save(path)`` writes extra Hugging Face
+  artefacts next to the final policy (PPO's critic);
+* ``supports_distributed = True`` allows several processes (the update must then be exact across
+  ranks, see `algos.actor`).
+
+`TrainContext` is everything it gets from the loop: the task, the training environment, the sampler,
+the policy and the frozen reference, the tokenizer, seeds and the data-parallel group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from algos.samplers import Sampler
+from algos.training.distributed import Dist
+from langenv.env import LanguageEnv
+from langenv.tasks.base import Task
+
+
+@dataclass
+class TrainContext:
+    """What an algorithm gets from the trainer."""
+
+    task: Task
+    env: LanguageEnv
+    sampler: Sampler
+    policy: Any
+    reference: Any
+    tokenizer: Any
+    seed: int
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    dist: Dist = field(default_factory=Dist)
+    """This process's data-parallel group (world size 1 unless launched with accelerate/torchrun)."""
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def seed_for(self, iteration: int, purpose: str) -> int:
+        """A distinct, reproducible seed per (run seed, iteration, purpose), and per rank when
+        several processes train together."""
+        key = [self.seed, iteration, sum(map(ord, purpose))] + ([self.dist.rank] if self.dist.world_size > 1 else [])
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+class Algorithm(Protocol):
+    """What the loop calls (see the module docstring for the optional hooks)."""
+
+    name: str
+
+    def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]: ...
+
+
+def select_prompts(problems: Sequence, count: int, seed: int, iteration: int) -> list:
+    """``count`` distinct problems for an iteration: the train split reshuffled with (seed, iteration),
+    first ``count`` taken (VinePPO's dataset_sample_with_replacement)."""
+    order = np.random.default_rng([seed, iteration]).permutation(len(problems))
+    return [problems[i] for i in order[: min(count, len(problems))]]

@@ -1,0 +1,372 @@
+"""The loop every algorithm shares: select prompts -> collect -> advantages -> update -> evaluate
+-> log -> checkpoint.
+
+`train` reads in four phases, in the order they run:
+
+1. `_build`: the run directory, the policy / reference / tokenizer (`algos.models`), the train and
+   test environments, the grading canary, the sampler, the algorithm (the contract is
+   `algos.training.context`);
+2. `_restore`: a fresh run's state, or everything a checkpoint holds (`--resume`);
+3. `_loop`: the iterations, with evaluations, metrics, checkpoints, signals and the non-finite guard;
+4. `_finish`: the final model, ``summary.json`` and what the run prints last.
+
+Checkpoint files are in `algos.training.checkpoint`; the run directory, resume helpers, signals and
+the non-finite guard in `algos.training.run_control`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from algos.models.policy import check_model_source, clone_reference, load_policy
+from algos.models.warm_start import load_model
+from algos.rollout import collect_episodes
+from algos.samplers import Sampler, SamplingParams, make_sampler
+from algos.training.checkpoint import (Checkpoint, CheckpointError, load_checkpoint, rng_state, save_checkpoint,
+                                       set_rng_state, state_fingerprint)
+from algos.training.config import RunConfig
+from algos.training.context import Algorithm, TrainContext, select_prompts
+from algos.training.distributed import Dist
+from algos.training.distributed import current as current_dist
+from algos.training.evaluation import accuracy_metrics, evaluate, kl_to_reference
+from algos.training.run_control import (RESUMABLE_CHANGES, NonFiniteUpdatesError, StopRequests, TrainingInterrupted,
+                                        combine_ranks, config_differences, nonfinite_streak, on_main_first, prepare_out,
+                                        read_metrics, seed_everything, start_out)
+from langenv.env import LanguageEnv
+from langenv.tasks.base import Task, make_task
+
+
+@dataclass
+class _Run:
+    """Everything `_build` makes, read by the later phases."""
+
+    run: RunConfig
+    algo_name: str
+    algo_config: Any
+    out: Path
+    dist: Dist
+    config_dump: dict
+    resume: Checkpoint | None
+    task: Task
+    policy: Any
+    reference: Any
+    tokenizer: Any
+    env: LanguageEnv
+    eval_env: LanguageEnv
+    eval_problems: Sequence
+    sampler: Sampler
+    ctx: TrainContext
+    algorithm: Algorithm
+    wandb_run: Any = None
+    start: float = 0.0
+    """`time.perf_counter()` at the (virtual) start of the run: a resumed run counts its earlier time."""
+
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
+
+
+def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> dict[str, Any]:
+    """Run an algorithm up to ``run.iterations`` iterations (the total; a resumed run continues
+    from its checkpoint); returns a summary.
+
+    Writes ``config.json``; ``metrics.jsonl`` (one JSON object per line: iteration 0 holds the
+    evaluation before training, then one row per iteration with the algorithm's metrics, the
+    evaluations when due, and running totals ``total/optimizer_steps`` and ``total/tokens`` — all
+    sampled tokens, Monte-Carlo rollouts included); crash-safe checkpoints under ``checkpoints/``
+    (`algos.training.checkpoint`) every ``save_every`` iterations, on SIGTERM/SIGINT and at the end;
+    the final model in Hugging Face format under ``final/`` (plus anything the algorithm saves through
+    an optional ``save(path)``, e.g. PPO's critic); ``summary.json`` last. Mirrors metrics to wandb.
+
+    Raises:
+        FileExistsError / PermissionError: see `prepare_out` (before any model is loaded).
+        CheckpointError: a checkpoint could not be written or read (the previous one is intact).
+        NonFiniteUpdatesError: ``max_nonfinite_updates`` optimiser steps in a row were skipped for
+            a NaN/inf loss or gradient.
+        RuntimeError: the grading canary failed (`langenv.canary.check_canary`).
+        TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
+    """
+    r = _build(run, algo_name, algo_config, build)
+    state = _restore(r)
+    _loop(r, state)
+    return _finish(r, state)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. build
+
+
+def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> _Run:
+    """Check the settings, prepare the run directory, load the models, make the environments, the
+    sampler and the algorithm. Nothing is written before every check has passed."""
+    task = make_task(run.task)
+    if run.model != "tiny":
+        check_model_source(run.model)
+    dist = current_dist()
+    if dist.world_size == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        print("[langenv] note: running as one process. `accelerate launch --cpu` starts several processes only "
+              "through MPI; on a CPU use `accelerate launch --multi_gpu --num_processes N` or `torchrun "
+              "--nproc_per_node N` (gloo is picked automatically without CUDA)", file=sys.stderr)
+    if dist.world_size > 1 and not getattr(build, "supports_distributed", False):  # `build` is the class
+        raise ValueError(f"algo:{algo_name} does not support multi-process training (world size {dist.world_size}); "
+                         f"run it in one process, or use vineppo, ppo, grpo or rloo")
+    if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
+        run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
+    out = on_main_first(dist, lambda: prepare_out(run, algo_name), share=True)
+    config_dump = {"algorithm": algo_name, "run": _jsonable(run), "algo": _jsonable(algo_config)}
+    resume = load_checkpoint(out) if run.resume is not None else None
+    if resume is not None and dist.is_main:
+        _warn_changed_settings(out, algo_name, config_dump)
+    seed_everything(run.seed)
+
+    policy, tokenizer = on_main_first(dist, lambda: load_model(run.model, task, run.cache_dir, run.device))
+    threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    policy.eval()
+    reference = clone_reference(policy)
+    max_new = algo_config.max_new_tokens
+    context = getattr(policy.config, "max_position_embeddings", None)
+    env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
+    eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
+    eval_problems = eval_env.problems[: run.eval_problems or None]
+    env.check_prompt_lengths()
+    eval_env.check_prompt_lengths(eval_problems)
+    if dist.is_main:
+        if resume is None:
+            start_out(out)
+        (out / "config.json").write_text(json.dumps(config_dump, indent=2))
+    if run.canary_problems:
+        from langenv.canary import check_canary
+
+        check_canary(env, count=run.canary_problems)
+    sampler = make_sampler(run.sampler, policy, tokenizer, max_batch_size=run.sampler_batch_size,
+                           max_context=context, workdir=out / "vllm")
+    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist)
+    ctx.generator.manual_seed(run.seed)
+    algorithm = build(algo_config, ctx, run.iterations)
+    return _Run(run, algo_name, algo_config, out, dist, config_dump, resume, task, policy, reference, tokenizer,
+                env, eval_env, eval_problems, sampler, ctx, algorithm)
+
+
+def _warn_changed_settings(out: Path, algo_name: str, config_dump: dict) -> None:
+    saved = json.loads((out / "config.json").read_text())
+    if saved.get("algorithm") != algo_name:
+        raise ValueError(f"--resume {out}: the run was {saved.get('algorithm')!r}, not {algo_name!r}")
+    changed = [d for d in config_differences(saved, config_dump) if d.split(":")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        print(f"[langenv] warning: resuming {out} with changed settings (the continuation is not exact): "
+              + "; ".join(changed), file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. restore
+
+
+def _restore(r: _Run) -> dict[str, Any]:
+    """The state carried across iterations (what a checkpoint holds besides the models and
+    optimisers): fresh, or loaded from ``r.resume`` with the policy, the algorithm's state, the
+    metrics file and the RNG states put back."""
+    state: dict[str, Any] = {"iteration": 0, "totals": {"total/optimizer_steps": 0.0, "total/tokens": 0.0},
+                             "elapsed": 0.0, "nonfinite_streak": 0, "before": None, "last_eval": None,
+                             "wandb_id": None, "reference_fingerprint": state_fingerprint(r.reference)}
+    if r.resume is None:
+        return state
+    saved = r.resume.trainer_state()
+    if saved["reference_fingerprint"] != state["reference_fingerprint"]:
+        raise CheckpointError(f"--resume {r.out}: the reference model loaded from {r.run.model!r} differs from the one "
+                              f"the run started with (weights fingerprint mismatch); resume with the same --model")
+    r.policy.load_state_dict(load_policy(str(r.resume.policy_dir), dtype=r.policy.dtype,
+                                         device=r.run.device)[0].state_dict())
+    if hasattr(r.algorithm, "load_state_dict"):
+        r.algorithm.load_state_dict(r.resume.algorithm_state())
+    r.sampler.update_weights(r.policy)
+    state.update({k: saved[k] for k in state if k != "reference_fingerprint"})
+    if r.main:
+        rows = read_metrics(r.out / "metrics.jsonl", state["iteration"])
+        (r.out / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+    set_rng_state(saved["rng"], {"ctx": r.ctx.generator})
+    print(f"[langenv] resuming {r.out} from {r.resume.path.name} (iteration {state['iteration']} of {r.run.iterations})")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. loop
+
+
+def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
+    """Greedy (or ``eval_temperature``) accuracy on the test problems, and with ``eval_sampled``
+    the accuracy of one sample per problem at the training temperature and the KL to the reference
+    on those samples."""
+    run, cfg = r.run, r.algo_config
+    t = time.perf_counter()
+    res = evaluate(r.eval_env, r.sampler, r.eval_problems, run.eval_samples, run.eval_temperature, run.eval_top_p,
+                   cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
+    if run.eval_sampled:
+        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, 1)
+        episodes = collect_episodes(r.eval_env, r.sampler, r.eval_problems, params,
+                                    seed=r.ctx.seed_for(iteration, "eval-sampled"))
+        res.update(accuracy_metrics(episodes, len(r.eval_problems), 1, "eval/accuracy_sampled"))
+        res["eval/kl"] = kl_to_reference(r.policy, r.reference, episodes, cfg.temperature, r.ctx.pad_token_id)
+    res["time/eval"] = time.perf_counter() - t
+    return res
+
+
+def _checkpoint(r: _Run, state: dict[str, Any], done: int) -> Checkpoint | None:
+    if not r.main:
+        return None
+    trainer_state = {**state, "rng": rng_state({"ctx": r.ctx.generator})}
+    return save_checkpoint(
+        r.out / "checkpoints", done, keep=r.run.keep_checkpoints,
+        save_policy=lambda path: _save(r.policy, r.tokenizer, path),
+        algorithm_state=r.algorithm.state_dict() if hasattr(r.algorithm, "state_dict") else {},
+        trainer_state=trainer_state,
+        save_extra=getattr(r.algorithm, "save", None),
+    )
+
+
+def _loop(r: _Run, state: dict[str, Any]) -> None:
+    """Iterations ``state["iteration"]`` .. min(--iterations, + --stop-after): each selects its
+    prompts, runs the algorithm on this process's shard, combines the ranks' metrics, evaluates when
+    due, logs a row, and checkpoints when due or asked to stop."""
+    run, dist = r.run, r.dist
+    wandb_run = _init_wandb(run, r.out, r.config_dump, r.algo_name, state["wandb_id"]) if r.main else None
+    state["wandb_id"] = getattr(wandb_run, "id", None)
+    r.wandb_run = wandb_run
+    r.start = start = time.perf_counter() - state["elapsed"]
+    totals = state["totals"]
+    if state["before"] is None:
+        state["before"] = state["last_eval"] = _evaluate(r, 0) if r.main else {}
+    if r.main:
+        print(f"[langenv] {r.algo_name} on {run.task}: accuracy before training {state['before']['eval/accuracy']:.3f} "
+              f"({len(r.eval_problems)} test problems x {run.eval_samples})")
+    stop_at = min(run.iterations, state["iteration"] + run.stop_after) if run.stop_after else run.iterations
+    with open(r.out / "metrics.jsonl" if r.main else os.devnull, "a") as metrics_file, StopRequests() as stop:
+        def log(metrics: dict[str, Any]) -> None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if wandb_run is not None:
+                wandb_run.log(metrics, step=metrics["iteration"])
+
+        if r.resume is None:
+            log({"iteration": 0, **state["before"], **totals, "time/elapsed": time.perf_counter() - start})
+        for it in tqdm(range(state["iteration"], stop_at), desc=f"{r.algo_name} iterations", unit="it",
+                       initial=state["iteration"], total=run.iterations):
+            problems = select_prompts(r.env.problems, r.algo_config.prompts_per_iteration, run.seed, it)
+            metrics = combine_ranks(dist, r.algorithm.iteration(dist.shard(problems), it))
+            totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
+            totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
+            done = it + 1
+            if ((run.eval_every and done % run.eval_every == 0) or done == run.iterations) and r.main:
+                state["last_eval"] = _evaluate(r, done)
+                metrics.update(state["last_eval"])
+            signum = int(dist.all_reduce_sum(torch.tensor([float(stop.signum or 0)])).item()) if dist.world_size > 1 \
+                else stop.signum
+            stop.signum = signum or None
+            state["nonfinite_streak"] = nonfinite_streak(state["nonfinite_streak"], metrics)
+            state["iteration"], state["elapsed"] = done, time.perf_counter() - start
+            log({"iteration": done, **metrics, **totals, "nonfinite/streak": float(state["nonfinite_streak"]),
+                 "time/elapsed": state["elapsed"]})
+            if run.max_nonfinite_updates and state["nonfinite_streak"] >= run.max_nonfinite_updates:
+                raise NonFiniteUpdatesError(
+                    f"iteration {done}: {state['nonfinite_streak']} optimiser steps in a row skipped for a NaN/inf loss "
+                    f"or gradient (--max-nonfinite-updates {run.max_nonfinite_updates}); the policy holds the last "
+                    f"finite update; see {r.out / 'metrics.jsonl'} (update/nonfinite_minibatches)")
+            if stop.signum is not None or (run.save_every and done % run.save_every == 0) or done == stop_at:
+                ckpt = _checkpoint(r, state, done)
+            if stop.signum is not None:
+                _interrupted(r, stop.signum, done, ckpt)
+
+
+def _interrupted(r: _Run, signum: int, done: int, ckpt: Checkpoint | None) -> None:
+    """SIGTERM/SIGINT after iteration ``done``: say how to resume, close wandb, exit 128 + signum."""
+    if r.main:
+        print(f"[langenv] stopped by {signal.Signals(signum).name} after iteration {done}; checkpoint {ckpt.path}; "
+              f"continue with --resume {r.out}", file=sys.stderr, flush=True)
+        if r.wandb_run is not None:
+            r.wandb_run.finish(exit_code=128 + signum)
+    raise TrainingInterrupted(128 + signum)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. finish
+
+
+def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
+    """Save ``final/`` and ``summary.json`` (rank 0, when all iterations are done) and return the
+    summary; a run stopped by --stop-after returns ``finished: False``."""
+    run = r.run
+    if not r.main:
+        return {"out": str(r.out), "algorithm": r.algo_name, "iterations": state["iteration"], "rank": r.dist.rank}
+    if state["iteration"] < run.iterations:
+        if r.wandb_run is not None:
+            r.wandb_run.finish()
+        print(f"[langenv] stopped after iteration {state['iteration']} of {run.iterations} (--stop-after); "
+              f"checkpoint in {r.out / 'checkpoints'}; continue with --resume {r.out}")
+        return {"out": str(r.out), "algorithm": r.algo_name, "iterations": state["iteration"], "finished": False}
+    _save(r.policy, r.tokenizer, r.out / "final")
+    if hasattr(r.algorithm, "save"):
+        r.algorithm.save(r.out / "final")
+    if r.wandb_run is not None:
+        r.wandb_run.finish()
+    before, last_eval = state["before"], state["last_eval"]
+    summary = {
+        "out": str(r.out), "algorithm": r.algo_name, "task": run.task, "seed": run.seed,
+        "iterations": state["iteration"], "wall_time_s": time.perf_counter() - r.start,
+        "accuracy_before": before["eval/accuracy"], "accuracy_after": last_eval["eval/accuracy"],
+        "accuracy_after_stderr": last_eval["eval/accuracy_stderr"], **state["totals"],
+    }
+    for key in ("eval/accuracy_sampled", "eval/accuracy_sampled_stderr", "eval/kl"):
+        if key in last_eval:
+            summary[key.replace("eval/", "after_")] = last_eval[key]
+    (r.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[langenv] accuracy before {summary['accuracy_before']:.3f} -> after {summary['accuracy_after']:.3f} "
+          f"(± {last_eval['eval/accuracy_stderr']:.3f}); {state['iteration']} iterations in {summary['wall_time_s']:.0f} s")
+    print(f"[langenv] outputs: {r.out}/ (config.json, metrics.jsonl, summary.json, final/ model in Hugging Face "
+          f"format, checkpoints/)")
+    return summary
+
+
+def _save(model, tokenizer, path: Path) -> None:
+    """Save in Hugging Face format through a temporary directory renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _init_wandb(run: RunConfig, out: Path, config: dict, algo_name: str, run_id: str | None = None):
+    """The wandb run (None when disabled); a resumed run continues the wandb run ``run_id``."""
+    if run.wandb == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project="langenv", name=out.name, dir=str(out), mode=run.wandb, config=config,
+                      group=f"{algo_name}-{run.task}", id=run_id, resume="allow" if run_id else None)
