@@ -49,6 +49,7 @@ from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode
 
 if TYPE_CHECKING:
+    from algos.config import ActorConfig, OptimConfig
     from algos.training.distributed import Dist
 
 
@@ -78,12 +79,28 @@ class ActorSettings:
     max_ratio: float = 10.0
     kl_clamp: float = 10.0
     clip_eps_high: float | None = None  # ε_hi (DAPO clip-higher); None = clip_eps
+    policy_loss: str = "clip"  # a name in `algos.core.POLICY_LOSSES`
     pg_aggregation: core.AggregationMode = "token_mean"
     kl_aggregation: core.AggregationMode = "seq_mean_token_sum"
     kl_estimator: str = "k3"
     aggregation_constant: float | None = None  # L_max for seq_sum_const (Dr. GRPO)
     sort_micro_batches: bool = True  # micro-batches of length-sorted rows (same gradient, less padding)
     bf16_autocast: bool = False  # policy/reference forward passes under bf16 autocast (see below)
+
+    @classmethod
+    def from_configs(cls, optim: OptimConfig, actor: ActorConfig, temperature: float, **overrides) -> "ActorSettings":
+        """The settings of an algorithm whose Config embeds ``optim`` and ``actor``; ``temperature``
+        is the sampling temperature (the training log-probs use it); ``overrides`` set the fields
+        that are the algorithm's own choice (``kl_aggregation``, ``aggregation_constant``, ``kl_coef=0``
+        when the KL is not in the loss, ...)."""
+        fields = dict(
+            epochs=optim.epochs, minibatch_size=optim.minibatch_size, micro_batch_size=optim.micro_batch_size,
+            grad_clip=optim.grad_clip, temperature=temperature, clip_eps=actor.clip_eps,
+            clip_eps_high=actor.clip_eps_high, policy_loss=actor.policy_loss, kl_coef=actor.kl_coef,
+            whiten_advantages=actor.whiten_advantages,
+            pg_aggregation=actor.aggregation, bf16_autocast=actor.bf16_autocast,
+        )
+        return cls(**{**fields, **overrides})
 
 
 #: With ``bf16_autocast``, micro-batch widths are rounded up to a multiple of this many tokens: on
@@ -279,6 +296,9 @@ def actor_update(
             `check_step_counts`).
     """
     local_mb = check_step_counts(len(episodes), settings.minibatch_size, dist)
+    if settings.policy_loss not in core.POLICY_LOSSES:
+        raise ValueError(f"ActorSettings.policy_loss: expected one of {sorted(core.POLICY_LOSSES)}, "
+                         f"got {settings.policy_loss!r}")
     for mode in (settings.pg_aggregation, settings.kl_aggregation):
         _aggregation_norm(mode, 1.0, 1.0, settings.aggregation_constant)  # validate before any work
     batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
@@ -323,8 +343,8 @@ def actor_update(
                 with _precision(device, bf16):
                     logp = response_logprobs(policy, sub, settings.temperature)
                 logp = logp.float()
-                pg, ratio, clipped = core.clipped_surrogate(logp, sub["old_logp"], sub["advantages"],
-                                                            settings.clip_eps, settings.clip_eps_high)
+                pg, ratio, clipped = core.POLICY_LOSSES[settings.policy_loss](
+                    logp, sub["old_logp"], sub["advantages"], settings.clip_eps, settings.clip_eps_high)
                 pg_term = core.aggregate_sum(pg, sub_mask, settings.pg_aggregation) / pg_norm
                 loss = pg_term
                 kl_sum = torch.zeros((), device=device)

@@ -4,8 +4,9 @@
   (temperature, top-p, response budget). The trainer's sampled evaluation uses it too.
 * `OptimConfig` (every algorithm): AdamW, its warm-up/decay schedule, gradient clipping, and how an
   iteration's examples are cut into optimiser steps (epochs, mini-batches, micro-batches).
-* `ActorConfig` (the PPO family: VinePPO, PPO, GRPO, RLOO): the clipped policy-gradient loss,
-  its KL to the reference, advantage whitening, loss aggregation and bf16 autocast.
+* `ActorConfig` (the PPO family: VinePPO, PPO, GRPO, RLOO, and the REINFORCE example): the
+  policy-gradient loss (a name in `algos.core.POLICY_LOSSES`), its clip range, the KL to the
+  reference, advantage whitening, loss aggregation and bf16 autocast.
 
 Each algorithm's Config holds them as fields ``sampling``, ``optim`` and (PPO family) ``actor``,
 with the algorithm's own defaults, plus the fields that are the algorithm's own idea. On the command
@@ -24,10 +25,17 @@ from typing import Any, TypeVar
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from algos.core import AggregationMode
+from algos.core import POLICY_LOSSES, AggregationMode
 from algos.samplers.base import SamplingParams
-from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
-                                   check_top_p, check_types)
+from algos.training.checks import (
+    check_at_most,
+    check_finite,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_top_p,
+    check_types,
+)
 
 C = TypeVar("C")
 
@@ -106,6 +114,9 @@ class ActorConfig:
     ``min(ρ Â, clip(ρ, 1 − ε, 1 + ε_hi) Â)`` (Schulman et al. 2017, eq. 7; ε_hi from DAPO, arXiv
     2503.14476), a KL to the frozen reference, advantage whitening and loss aggregation."""
 
+    policy_loss: str = "clip"
+    """Per-token policy-gradient loss, a name in `algos.core.POLICY_LOSSES`: ``clip`` (PPO's
+    clipped surrogate) or ``unclipped`` (−ρ·Â; REINFORCE when on-policy)."""
     clip_eps: float = 0.2
     """PPO clip range ε (ε_lo with clip-higher)."""
     clip_eps_high: float | None = None
@@ -132,6 +143,9 @@ class ActorConfig:
         if self.clip_eps_high is not None:
             check_positive(self, ("clip_eps_high",))
         check_non_negative(self, ("kl_coef",))
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"ActorConfig.policy_loss: expected one of {', '.join(map(repr, sorted(POLICY_LOSSES)))}, "
+                             f"got {self.policy_loss!r}")
 
 
 def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_ratio: float, total_steps: int,
@@ -153,7 +167,8 @@ def with_fields(config: C, **fields: Any) -> C:
     Raises:
         TypeError: a name that neither the Config nor any of its sub-configs has (the message lists
             the valid names).
-        ValueError / TypeError: from the rebuilt configs' checks.
+        ValueError / TypeError: from the rebuilt configs' checks, naming the field by its path:
+            ``VinePPOConfig.optim.learning_rate: expected a value > 0, got -1e-06``.
     """
     own = {f.name for f in dataclasses.fields(config)}
     subs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
@@ -170,7 +185,11 @@ def with_fields(config: C, **fields: Any) -> C:
             valid = sorted((own - set(subs)) | set(owner))
             raise TypeError(f"{type(config).__name__}: unknown field {name!r}; valid: {', '.join(valid)}")
     for sub, values in nested.items():
-        top[sub] = dataclasses.replace(subs[sub], **values)
+        try:
+            top[sub] = dataclasses.replace(subs[sub], **values)
+        except (TypeError, ValueError) as e:  # name the field as the Config holds it
+            inner = type(subs[sub]).__name__
+            raise type(e)(str(e).replace(f"{inner}.", f"{type(config).__name__}.{sub}.", 1)) from None
     return dataclasses.replace(config, **top)
 
 

@@ -2,16 +2,64 @@
 
 Shapes: ``(B, T)`` is a batch of B sequences of T positions; ``mask`` is a (B, T) tensor of 0/1
 marking the response tokens that count. Log-probabilities are in nats.
+
+Advantage estimators and policy-gradient losses that several algorithms can share are registered by
+name (in the manner of verl's ``trainer/ppo/core_algos.py``), so a new one is a function plus a
+decorator line:
+
+* `ADVANTAGE_ESTIMATORS`: ``gae`` (PPO), ``group`` (GRPO), ``leave_one_out`` (RLOO), ``step_mc``
+  (VinePPO's step advantages from Monte-Carlo values). Their signatures differ with what they
+  estimate from (values, group rewards, step values), so they are looked up by the algorithm that
+  knows its inputs, or listed for documentation and tests.
+* `POLICY_LOSSES`: per-token losses ``fn(logp, old_logp, advantages, clip_low, clip_high) ->
+  (loss, ratio, clipped)``, all (B, T); `algos.actor.actor_update` calls the one named by
+  ``ActorConfig.policy_loss``: ``clip`` (PPO's clipped surrogate; clip-higher with ``clip_high``)
+  and ``unclipped`` (the importance-weighted policy gradient, REINFORCE when on-policy).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_sum_const", "seq_mean_token_sum"]
+
+#: Advantage estimators by name (see the module docstring).
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., object]] = {}
+#: Per-token policy-gradient losses by name, ``fn(logp, old_logp, advantages, clip_low, clip_high)
+#: -> (loss, ratio, clipped)``.
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {}
+
+
+def register_advantage_estimator(name: str):
+    """Decorator: register an advantage estimator under ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    def add(fn):
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered ({ADVANTAGE_ESTIMATORS[name]})")
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return add
+
+
+def register_policy_loss(name: str):
+    """Decorator: register a per-token policy-gradient loss under ``name`` (signature in the module
+    docstring).
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    def add(fn):
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is already registered ({POLICY_LOSSES[name]})")
+        POLICY_LOSSES[name] = fn
+        return fn
+    return add
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -72,6 +120,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: Literal["k1", "k2", "k3"] 
     raise ValueError(f"kind: expected 'k1', 'k2' or 'k3', got {kind!r}")
 
 
+@register_policy_loss("clip")
 def clipped_surrogate(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float = 0.2, clip_high: float | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,6 +142,22 @@ def clipped_surrogate(
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
     return loss, ratio, (clipped < unclipped).float()
+
+
+@register_policy_loss("unclipped")
+def unclipped_surrogate(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float = 0.2, clip_high: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The importance-weighted policy gradient without clipping: ``ℓ_t = −ρ_t A_t``, ``ρ_t =
+    exp(logp − old_logp)``. On-policy (ρ ≡ 1, one pass) its gradient is REINFORCE's, ``−A_t ∇log
+    π(y_t)`` (Williams 1992). ``clip_low``/``clip_high`` are accepted for a common signature and
+    ignored; ``clipped`` is all zeros.
+
+    Returns:
+        (loss, ratio, clipped): (B, T) each.
+    """
+    ratio = torch.exp(logp - old_logp)
+    return -ratio * advantages, ratio, torch.zeros_like(ratio)
 
 
 def aggregate(loss: Tensor, mask: Tensor, mode: AggregationMode = "token_mean", constant: float | None = None) -> Tensor:
@@ -152,6 +217,7 @@ def aggregate_norm(mask: Tensor, mode: AggregationMode, constant: float | None =
     raise ValueError(f"mode: expected one of {AggregationMode.__args__}, got {mode!r}")
 
 
+@register_advantage_estimator("gae")
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous Control
     Using GAE", eq. 16) over right-padded token sequences.
@@ -186,6 +252,7 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
+@register_advantage_estimator("group")
 def group_advantages(rewards: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
     """GRPO's outcome advantage per sequence (Shao et al. 2024, DeepSeekMath §4.1.2):
     ``Â_i = (r_i − mean(r)) / (std(r) + eps)`` within each group, with the unbiased std (verl
@@ -204,6 +271,7 @@ def group_advantages(rewards: Tensor, scale_by_std: bool = True, eps: float = 1e
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
 
 
+@register_advantage_estimator("leave_one_out")
 def leave_one_out_advantages(rewards: Tensor) -> Tensor:
     """RLOO's advantage (Ahmadian et al. 2024, "Back to Basics", eq. 6): each sample's reward minus
     the mean of the other k − 1 rewards of its group, ``A_i = R_i − (1/(k−1)) Σ_{j≠i} R_j
@@ -241,3 +309,19 @@ def dpo_positive_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen
     delta_l = policy_rejected - ref_rejected
     margin = beta * (delta_w - delta_l - lam * torch.clamp(-delta_w, min=0.0))
     return -torch.nn.functional.logsigmoid(margin), margin
+
+
+@register_advantage_estimator("step_mc")
+def step_advantages(values: Sequence[float], reward: float) -> list[float]:
+    """VinePPO's step advantages ``A_i = r_i + V(s_{i+1}) − V(s_i)`` for the n steps of one
+    trajectory (γ = 1; Kazemnejad et al. 2024, arXiv 2410.01679, eq. 6 with V̂ the Monte-Carlo mean).
+
+    Args:
+        values: V(s_0) .. V(s_{n−1}), the values of the states where each step starts.
+        reward: the outcome R, given at the last step (r_{n−1} = R, all other r_i = 0).
+    Returns:
+        n advantages; they telescope: Σ_i A_i = R − V(s_0).
+    """
+    n = len(values)
+    nxt = list(values[1:]) + [0.0]
+    return [(reward if i == n - 1 else 0.0) + nxt[i] - values[i] for i in range(n)]

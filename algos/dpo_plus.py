@@ -44,19 +44,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
 from algos import core
+from algos.config import OptimConfig, SamplingConfig, with_fields
 from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
-from algos.samplers.base import Sampler, SamplingParams
+from algos.samplers.base import Sampler
 from algos.samplers.hf import HFSampler
-from algos.training.checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
-                                   check_non_negative, check_positive, check_top_p, check_types)
+from algos.training.checks import (
+    check_at_least,
+    check_finite,
+    check_interval,
+    check_non_negative,
+    check_positive,
+    check_types,
+)
 from algos.training.context import TrainContext
 
 
@@ -65,17 +72,12 @@ class DPOPlusConfig:
     """DPO+ hyperparameters. Defaults are the VinePPO paper's (McGill-NLP/VinePPO configs
     ``polIter_*_dpo_positive_GSM8K``); `cpu_tiny` is a small CPU setting for the offline tiny model."""
 
-    prompts_per_iteration: int = 64
-    """Problems per iteration (the paper samples the whole train set in one round: set this to at
-    least the train-split size and run one iteration to reproduce that literally)."""
-    samples_per_prompt: int = 64
-    """Solutions sampled per problem (paper: 64)."""
-    temperature: float = 0.6
-    """Sampling temperature; training log-probs divide the logits by it too."""
-    top_p: float = 0.9
-    """Nucleus sampling mass."""
-    max_new_tokens: int = 1024
-    """Response budget in tokens; longer responses are truncated and score 0."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(samples_per_prompt=64))
+    """Problems per iteration (the paper samples the whole train set in one round: set
+    prompts_per_iteration to at least the train-split size and run one iteration to reproduce that
+    literally) and solutions per problem (paper: 64)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=3, minibatch_size=64))
+    """AdamW and schedule over each iteration's pairs (minibatch_size: pairs per optimiser step)."""
     beta: float = 0.3
     """β of the DPO+ loss: 0.3 for GSM8K, 0.1 for MATH in the paper's configs."""
     lam: float = 50.0
@@ -85,20 +87,6 @@ class DPOPlusConfig:
     max_pairs_per_problem: int | None = 64
     """Most (correct, incorrect) pairs per problem, drawn at random without replacement from all
     of them; None keeps every pair."""
-    epochs: int = 3
-    """Passes over each iteration's pairs."""
-    batch_size: int = 64
-    """Pairs per optimiser step."""
-    micro_batch_size: int = 8
-    """Pairs per forward/backward pass (gradient accumulation within a batch)."""
-    learning_rate: float = 1e-6
-    """AdamW peak learning rate, after the warm-up."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.03
-    """Fraction of the run spent in linear warm-up; then linear decay to 0 (`warmup_decay_lr`)."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip."""
     sample_from: Literal["reference", "policy"] = "reference"
     """'reference': pairs are sampled from the frozen starting (SFT) model, offline as in the
     paper; 'policy': from the current policy each iteration (iterative/online DPO+)."""
@@ -109,15 +97,11 @@ class DPOPlusConfig:
         """Raises TypeError / ValueError naming ``DPOPlusConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
         check_finite(self)
-        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
-                              "batch_size", "micro_batch_size", "learning_rate", "grad_clip", "beta", "temperature"))
-        check_top_p(self)
-        check_non_negative(self, ("lam", "weight_decay"))
+        check_positive(self, ("beta",))
+        check_non_negative(self, ("lam",))
         # rewards are graded 0/1: a threshold <= 0 calls every response correct, > 1 none (no pairs either way)
         check_interval(self, "reward_threshold", 0, 1, low_open=True)
         check_at_least(self, "max_pairs_per_problem", 1)
-        check_at_most(self, "micro_batch_size", "batch_size")
-        check_fraction(self, "warmup_ratio")
         if self.refresh_reference and self.sample_from != "policy":
             raise ValueError("DPOPlusConfig.refresh_reference: expected False unless sample_from='policy' (only then "
                              f"is there a policy to refresh π_ref from), got True with sample_from={self.sample_from!r}")
@@ -125,11 +109,8 @@ class DPOPlusConfig:
     @classmethod
     def cpu_tiny(cls) -> "DPOPlusConfig":
         """Small setting for the offline tiny model on a 2-core CPU (not the paper's)."""
-        return cls(prompts_per_iteration=8, samples_per_prompt=8, max_new_tokens=200, max_pairs_per_problem=16,
-                   batch_size=16, micro_batch_size=8, learning_rate=1e-5)
-
-    def sampling(self, stop_strings: tuple[str, ...]) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, self.samples_per_prompt)
+        return with_fields(cls(), prompts_per_iteration=8, samples_per_prompt=8, max_new_tokens=200,
+                           max_pairs_per_problem=16, minibatch_size=16, micro_batch_size=8, learning_rate=1e-5)
 
 
 def build_pairs(episodes: Sequence[Episode], reward_threshold: float, max_pairs_per_problem: int | None,
@@ -200,8 +181,8 @@ class DPOPlus:
         self.config = config
         self.ctx = ctx
         self.total_iterations = max(int(total_iterations), 1)
-        self.optimizer = torch.optim.AdamW(ctx.policy.parameters(), lr=config.learning_rate, betas=(0.9, 0.999),
-                                           eps=1e-8, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(ctx.policy.parameters(), lr=config.optim.learning_rate, betas=(0.9, 0.999),
+                                           eps=1e-8, weight_decay=config.optim.weight_decay)
         self._reference_sampler = reference_sampler
 
     def state_dict(self) -> dict:
@@ -239,7 +220,7 @@ class DPOPlus:
             ctx.reference.load_state_dict(ctx.policy.state_dict())
         sampler = self.reference_sampler if cfg.sample_from == "reference" else ctx.sampler
         timings: dict[str, float] = {}
-        episodes = collect_episodes(ctx.env, sampler, problems, cfg.sampling(ctx.task.stop_strings),
+        episodes = collect_episodes(ctx.env, sampler, problems, cfg.sampling.params(cfg.sampling.samples_per_prompt, ctx.task.stop_strings),
                                     seed=ctx.seed_for(iteration, "episodes"), timings=timings)
         pairs = build_pairs(episodes, cfg.reward_threshold, cfg.max_pairs_per_problem,
                             seed=ctx.seed_for(iteration, "pairs"))
@@ -273,14 +254,14 @@ class DPOPlus:
         cfg, ctx = self.config, self.ctx
         used = sorted({i for pair in pairs for i in pair})
         out: dict[int, float] = {}
-        for part in _chunks(used, 2 * cfg.micro_batch_size):
-            values = sequence_logprobs(ctx.reference, [episodes[i] for i in part], cfg.temperature, ctx.pad_token_id)
+        for part in _chunks(used, 2 * cfg.optim.micro_batch_size):
+            values = sequence_logprobs(ctx.reference, [episodes[i] for i in part], cfg.sampling.temperature, ctx.pad_token_id)
             out.update(zip(part, values.tolist()))
         return out
 
     def _update(self, episodes: Sequence[Episode], pairs: list[tuple[int, int]], ref_seq: dict[int, float],
                 iteration: int) -> dict[str, float]:
-        """``epochs`` shuffled passes over the pairs, one optimiser step per ``batch_size`` pairs.
+        """``epochs`` shuffled passes over the pairs, one optimiser step per ``minibatch_size`` pairs.
 
         Returns means over every pair visit (measured in the forward pass before that step's
         update) of the loss and the DPO statistics, the mean pre-clip gradient norm, the number of
@@ -293,27 +274,27 @@ class DPOPlus:
         stats = {k: 0.0 for k in ("loss", "reward_accuracy", "margin", "chosen_logratio", "rejected_logratio",
                                   "positive_penalty", "penalty_active")}
         visits, grad_norms, nonfinite = 0, [], 0
-        steps_per_epoch = -(-len(pairs) // cfg.batch_size)
-        total = cfg.epochs * steps_per_epoch
-        lr = warmup_decay_lr(cfg.learning_rate, cfg.warmup_ratio, iteration / self.total_iterations)
+        steps_per_epoch = -(-len(pairs) // cfg.optim.minibatch_size)
+        total = cfg.optim.epochs * steps_per_epoch
+        lr = warmup_decay_lr(cfg.optim.learning_rate, cfg.optim.warmup_ratio, iteration / self.total_iterations)
         step = 0
         if pairs:
             policy.train()
-            for _ in range(cfg.epochs):
+            for _ in range(cfg.optim.epochs):
                 order = torch.randperm(len(pairs), generator=ctx.generator).tolist()
-                for batch_rows in _chunks(order, cfg.batch_size):
-                    lr = warmup_decay_lr(cfg.learning_rate, cfg.warmup_ratio,
+                for batch_rows in _chunks(order, cfg.optim.minibatch_size):
+                    lr = warmup_decay_lr(cfg.optim.learning_rate, cfg.optim.warmup_ratio,
                                          (iteration + step / total) / self.total_iterations)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     step += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     sums = {k: 0.0 for k in stats}
-                    for micro in _chunks(batch_rows, cfg.micro_batch_size):
+                    for micro in _chunks(batch_rows, cfg.optim.micro_batch_size):
                         micro_pairs = [pairs[r] for r in micro]
                         unique = sorted({i for pair in micro_pairs for i in pair})
                         where = {i: j for j, i in enumerate(unique)}
-                        seq = sequence_logprobs(policy, [episodes[i] for i in unique], cfg.temperature,
+                        seq = sequence_logprobs(policy, [episodes[i] for i in unique], cfg.sampling.temperature,
                                                 ctx.pad_token_id)
                         chosen = seq[[where[c] for c, _ in micro_pairs]]
                         rejected = seq[[where[r] for _, r in micro_pairs]]
@@ -330,7 +311,7 @@ class DPOPlus:
                             sums["rejected_logratio"] += delta_l.sum().item()
                             sums["positive_penalty"] += torch.clamp(-delta_w, min=0).sum().item()
                             sums["penalty_active"] += (delta_w < 0).float().sum().item()
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
                     if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                         self.optimizer.zero_grad(set_to_none=True)
                         nonfinite += 1

@@ -44,12 +44,13 @@ Differences from the paper's code, none of which changes the maths:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,13 +60,11 @@ from transformers import AutoModel
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
-from algos.config import make_optimizer
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
 from algos.models.policy import batch_sequences
 from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
-from algos.samplers.base import SamplingParams
-from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
-                                   check_top_p, check_types)
+from algos.training.checks import check_finite, check_fraction, check_positive, check_types
 from algos.training.context import TrainContext
 
 __all__ = ["PPO", "CriticSettings", "PPOConfig", "ValueModel", "compute_values", "critic_update", "explained_variance",
@@ -78,82 +77,41 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class PPOConfig:
     """PPO hyperparameters. Defaults are the paper's (McGill-NLP/VinePPO configs
     ``polIter_rho1bSft2_ppo_{MATH,GSM8K}``); `cpu_tiny` is the small CPU setting of the offline
-    default model."""
+    default model. ``optim`` drives the actor and the critic alike (epochs, mini-batches, schedule,
+    clip), except the critic's learning rate."""
 
-    prompts_per_iteration: int = 64
-    """Distinct problems sampled per iteration."""
-    samples_per_prompt: int = 8
-    """Trajectories per problem."""
-    temperature: float = 0.6
-    """Sampling temperature; training log-probs use it too."""
-    top_p: float = 0.9
-    """Nucleus sampling mass."""
-    max_new_tokens: int = 1024
-    """Response budget in tokens; longer responses are truncated and score 0."""
-    epochs: int = 2
-    """PPO epochs over each iteration's episodes (actor and critic)."""
-    minibatch_size: int = 64
-    """Episodes per optimiser step (actor and critic)."""
-    micro_batch_size: int = 8
-    """Episodes per forward/backward pass (gradient accumulation within a mini-batch); also the
-    batch size of the critic's value pass."""
-    learning_rate: float = 1e-6
-    """Actor AdamW learning rate (peak, after warm-up)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Trajectories per iteration."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2, minibatch_size=64))
+    """AdamW, schedule and PPO epochs / mini-batches (actor and critic; micro_batch_size is also the
+    batch of the critic's value pass)."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """The clipped surrogate, the k3 KL in the actor's loss and advantage whitening (returns are
+    not whitened); bf16_autocast covers the critic's passes too."""
     critic_learning_rate: float = 1e-6
     """Critic AdamW learning rate (peak, after warm-up); same schedule as the actor's."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (actor and critic)."""
-    warmup_ratio: float = 0.03
-    """Fraction of all optimiser steps spent in linear warm-up; then linear decay to 0."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip (actor and critic, each over its own parameters)."""
-    bf16_autocast: bool = False
-    """Run the policy/reference (and critic) forward passes of the update under bf16 autocast (weights,
-    optimiser and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16 kernels: 2-3x faster
-    updates on the 2-core AVX512-BF16 machine (experiments/bench/update.py)."""
-    clip_eps: float = 0.2
-    """PPO clip range ε of the actor's surrogate."""
     value_clip: float = 0.2
     """Clip range of the critic's value loss: V is clipped to V_old ± this."""
     gamma: float = 1.0
     """GAE discount γ."""
     lam: float = 1.0
     """GAE λ (the paper's PPO configs set 1; the base trainer file says 0.96)."""
-    kl_coef: float = 1e-4
-    """β of the k3 KL-to-reference term in the actor's loss (fixed, no adaptive controller)."""
-    whiten_advantages: bool = True
-    """Whiten advantages over each mini-batch's response tokens (returns are not whitened)."""
 
     def __post_init__(self) -> None:
         """Raises TypeError / ValueError naming ``PPOConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
         check_finite(self)
-        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
-                              "minibatch_size", "micro_batch_size", "learning_rate", "critic_learning_rate",
-                              "grad_clip", "clip_eps", "value_clip", "temperature"))
-        check_top_p(self)
+        check_positive(self, ("critic_learning_rate", "value_clip"))
         check_fraction(self, "gamma", high_open=False)
         check_fraction(self, "lam", high_open=False)
-        check_non_negative(self, ("kl_coef", "weight_decay"))
-        check_fraction(self, "warmup_ratio")
-        check_at_most(self, "micro_batch_size", "minibatch_size")
 
     @classmethod
     def cpu_tiny(cls) -> PPOConfig:
         """Small setting for the offline tiny model on a 2-core CPU (not the paper's); the same
         sizes as `VinePPOConfig.cpu_tiny`."""
-        return cls(prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=200, minibatch_size=16,
-                   micro_batch_size=16, learning_rate=1e-5, critic_learning_rate=1e-5,
-                   bf16_autocast=cpu_has_fast_bf16())
-
-    def sampling(self, n: int, stop_strings: tuple[str, ...]) -> SamplingParams:
-        """The trajectory sampler's settings with ``n`` samples per prompt."""
-        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, n)
-
-    def steps_per_iteration(self) -> int:
-        """Optimiser steps per iteration (the same for actor and critic)."""
-        episodes = self.prompts_per_iteration * self.samples_per_prompt
-        return self.epochs * -(-episodes // self.minibatch_size)
+        return with_fields(cls(), prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=200,
+                           minibatch_size=16, micro_batch_size=16, learning_rate=1e-5, critic_learning_rate=1e-5,
+                           bf16_autocast=cpu_has_fast_bf16())
 
 
 class ValueModel(torch.nn.Module):
@@ -441,25 +399,20 @@ class PPO:
     def __init__(self, config: PPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
         self.ctx = ctx
-        total_steps = config.steps_per_iteration() * total_iterations
-        self.optimizer, self.scheduler = make_optimizer(
-            ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio, total_steps=total_steps,
-        )
+        episodes = config.sampling.prompts_per_iteration * config.sampling.samples_per_prompt
+        total_steps = config.optim.steps_per_iteration(episodes) * total_iterations
+        self.optimizer, self.scheduler = config.optim.build(ctx.policy, total_steps)
         head_rng = torch.Generator().manual_seed(ctx.seed_for(0, "critic_head"))
         self.critic = ValueModel.from_policy(ctx.policy, generator=head_rng)
         self.critic.eval()
-        self.critic_optimizer, self.critic_scheduler = make_optimizer(
-            self.critic, config.critic_learning_rate, config.weight_decay, config.warmup_ratio, total_steps=total_steps,
-        )
-        self.actor = ActorSettings(
-            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
-            clip_eps=config.clip_eps, kl_coef=config.kl_coef, temperature=config.temperature,
-            grad_clip=config.grad_clip, whiten_advantages=config.whiten_advantages,
-            pg_aggregation="token_mean", kl_aggregation="seq_mean_token_sum", bf16_autocast=config.bf16_autocast,
-        )
+        self.critic_optimizer, self.critic_scheduler = dataclasses.replace(
+            config.optim, learning_rate=config.critic_learning_rate).build(self.critic, total_steps)
+        self.actor = ActorSettings.from_configs(config.optim, config.actor, config.sampling.temperature,
+                                                kl_aggregation="seq_mean_token_sum")
         self.critic_settings = CriticSettings(
-            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
-            value_clip=config.value_clip, grad_clip=config.grad_clip, bf16_autocast=config.bf16_autocast,
+            epochs=config.optim.epochs, minibatch_size=config.optim.minibatch_size,
+            micro_batch_size=config.optim.micro_batch_size, value_clip=config.value_clip,
+            grad_clip=config.optim.grad_clip, bf16_autocast=config.actor.bf16_autocast,
         )
 
     def state_dict(self) -> dict:
@@ -480,13 +433,13 @@ class PPO:
         cfg, ctx = self.config, self.ctx
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        params = cfg.sampling(cfg.samples_per_prompt, ctx.task.stop_strings)
+        params = cfg.sampling.params(cfg.sampling.samples_per_prompt, ctx.task.stop_strings)
         episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"),
                                     timings=timings)
         t1 = time.perf_counter()
         batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], ctx.pad_token_id)
         mask = batch["response_mask"].float()
-        old_values = compute_values(self.critic, batch, cfg.micro_batch_size, cfg.bf16_autocast)
+        old_values = compute_values(self.critic, batch, cfg.optim.micro_batch_size, cfg.actor.bf16_autocast)
         t2 = time.perf_counter()
         rewards = terminal_rewards(batch, [e.reward for e in episodes])
         advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)

@@ -9,7 +9,7 @@ One round (one trainer iteration):
 3. **M-step**: fine-tune **from the base (reference) weights**, with a fresh optimiser, on this
    round's kept solutions only: per-sequence token-mean NLL of the response tokens (EOS included),
    averaged over the batch; AdamW, linear warm-up then linear decay to 0 over
-   ``epochs · ceil(kept / batch_size)`` steps, grad clip.
+   ``epochs · ceil(kept / minibatch_size)`` steps, grad clip.
 4. **Checkpoint selection**: the checkpoints at step 0, every ``eval_every_steps`` steps and at the
    end are evaluated on validation problems, in order; the walk stops at the first checkpoint that
    does not improve on the previous one (`select_checkpoint`, the code's
@@ -45,17 +45,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
 
-from algos.config import make_optimizer
+from algos.config import OptimConfig, SamplingConfig, with_fields
 from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
-from algos.samplers.base import SamplingParams
-from algos.training.checks import (check_at_least, check_at_most, check_finite, check_fraction, check_interval,
-                                   check_non_negative, check_positive, check_top_p, check_types)
+from algos.training.checks import (
+    check_at_least,
+    check_finite,
+    check_interval,
+    check_non_negative,
+    check_positive,
+    check_top_p,
+    check_types,
+)
 from algos.training.context import TrainContext
 from algos.training.evaluation import evaluate
 from langenv.env import LanguageEnv
@@ -68,36 +74,18 @@ class RestEMConfig:
     """ReST-EM hyperparameters. Defaults are the VinePPO paper's (McGill-NLP/VinePPO configs
     ``polIter_*_restem_*``); `cpu_tiny` is a small CPU setting for the offline tiny model."""
 
-    prompts_per_iteration: int = 100_000
-    """Problems per round; the trainer takes min(this, train-split size), so the default samples
-    the whole train split every round, as the paper does."""
-    samples_per_prompt: int = 8
-    """N: solutions sampled per problem in the E-step."""
-    temperature: float = 0.6
-    """E-step sampling temperature; the NLL's log-probs divide the logits by it too (as the code)."""
-    top_p: float = 0.9
-    """E-step nucleus sampling mass."""
-    max_new_tokens: int = 1024
-    """Response budget in tokens (E-step and validation); longer responses are truncated, score 0."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(prompts_per_iteration=100_000))
+    """The E-step: problems per round (the trainer takes min(this, train-split size), so the default
+    samples the whole train split every round, as the paper does) and N solutions per problem;
+    max_new_tokens also bounds validation responses."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=8, minibatch_size=64))
+    """The M-step: a fresh AdamW every round; epochs is the most passes over the kept solutions
+    (training stops earlier at the first non-improving checkpoint); warmup_ratio is a fraction of an
+    M-step's planned steps."""
     reward_threshold: float = 1.0
     """Keep a solution if its reward is ≥ this."""
     max_per_problem: int | None = 10
     """M: most kept solutions per problem (the first M in sampling order); None: no cap."""
-    epochs: int = 8
-    """Most passes over the kept solutions in an M-step (training stops earlier at the first
-    non-improving checkpoint)."""
-    batch_size: int = 64
-    """Kept solutions per optimiser step."""
-    micro_batch_size: int = 8
-    """Solutions per forward/backward pass (gradient accumulation within a batch)."""
-    learning_rate: float = 1e-6
-    """AdamW peak learning rate (after warm-up); a fresh optimiser every round."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.03
-    """Fraction of an M-step's planned steps in linear warm-up; then linear decay to 0."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip."""
     eval_every_steps: int = 500
     """Evaluate a checkpoint every this many optimiser steps (also at step 0 and at the end)."""
     validation_problems: int = 500
@@ -117,26 +105,19 @@ class RestEMConfig:
         ``early_stop_method`` must be one of `EarlyStopMethod` (checked with the types)."""
         check_types(self)
         check_finite(self)
-        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "epochs",
-                              "batch_size", "micro_batch_size", "learning_rate", "grad_clip", "eval_every_steps",
-                              "validation_samples", "temperature"))
-        check_top_p(self, ("top_p", "validation_top_p"))
-        check_non_negative(self, ("validation_temperature", "weight_decay", "validation_problems"))
+        check_positive(self, ("eval_every_steps", "validation_samples"))
+        check_top_p(self, ("validation_top_p",))
+        check_non_negative(self, ("validation_temperature", "validation_problems"))
         # rewards are graded 0/1: a threshold <= 0 would keep wrong solutions, > 1 would keep none
         check_interval(self, "reward_threshold", 0, 1, low_open=True)
         check_at_least(self, "max_per_problem", 1)
-        check_at_most(self, "micro_batch_size", "batch_size")
-        check_fraction(self, "warmup_ratio")
 
     @classmethod
     def cpu_tiny(cls) -> "RestEMConfig":
         """Small setting for the offline tiny model on a 2-core CPU (not the paper's)."""
-        return cls(prompts_per_iteration=8, samples_per_prompt=8, max_new_tokens=200, epochs=8, batch_size=8,
-                   micro_batch_size=8, learning_rate=1e-5, eval_every_steps=4, validation_problems=32,
-                   validation_samples=1, validation_temperature=0.0)
-
-    def sampling(self, stop_strings: tuple[str, ...]) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, self.samples_per_prompt)
+        return with_fields(cls(), prompts_per_iteration=8, samples_per_prompt=8, max_new_tokens=200, epochs=8,
+                           minibatch_size=8, micro_batch_size=8, learning_rate=1e-5, eval_every_steps=4,
+                           validation_problems=32, validation_samples=1, validation_temperature=0.0)
 
 
 def filter_kept(episodes: Sequence[Episode], reward_threshold: float, max_per_problem: int | None) -> list[Episode]:
@@ -240,7 +221,7 @@ class RestEM:
         if self._validation_env is None:
             ctx = self.ctx
             self._validation_env = LanguageEnv(ctx.task, ctx.tokenizer, split="validation",
-                                               max_new_tokens=self.config.max_new_tokens,
+                                               max_new_tokens=self.config.sampling.max_new_tokens,
                                                max_context=getattr(ctx.env, "max_context", None))
         return self._validation_env
 
@@ -251,7 +232,7 @@ class RestEM:
         env = self.validation_env
         problems = env.problems[: cfg.validation_problems or None]
         res = evaluate(env, ctx.sampler, problems, cfg.validation_samples, cfg.validation_temperature,
-                       cfg.validation_top_p, cfg.max_new_tokens, seed=ctx.seed_for(0, "restem-validation"))
+                       cfg.validation_top_p, cfg.sampling.max_new_tokens, seed=ctx.seed_for(0, "restem-validation"))
         tokens = res["eval/response_tokens"] * len(problems) * cfg.validation_samples
         return {"accuracy": res["eval/accuracy"], "tokens": float(tokens)}
 
@@ -259,7 +240,7 @@ class RestEM:
         cfg, ctx = self.config, self.ctx
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        episodes = collect_episodes(ctx.env, ctx.sampler, problems, cfg.sampling(ctx.task.stop_strings),
+        episodes = collect_episodes(ctx.env, ctx.sampler, problems, cfg.sampling.params(cfg.sampling.samples_per_prompt, ctx.task.stop_strings),
                                     seed=ctx.seed_for(iteration, "episodes"), timings=timings)
         kept = filter_kept(episodes, cfg.reward_threshold, cfg.max_per_problem)
         t1 = time.perf_counter()
@@ -312,25 +293,24 @@ class RestEM:
         accuracies = [self._checkpoint_accuracy(0, stats)]
         steps = [0]
         chosen_state: dict[str, torch.Tensor] | None = None  # None: the base weights
-        planned = cfg.epochs * -(-len(kept) // cfg.batch_size)
+        planned = cfg.optim.epochs * -(-len(kept) // cfg.optim.minibatch_size)
         losses, grad_norms, nonfinite, step, lr = [], [], 0, 0, 0.0
         if kept:
-            optimizer, scheduler = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
-                                                  total_steps=planned)
+            optimizer, scheduler = cfg.optim.build(policy, total_steps=planned)
             stop = False
             policy.train()
-            for _ in range(cfg.epochs):
+            for _ in range(cfg.optim.epochs):
                 order = torch.randperm(len(kept), generator=ctx.generator).tolist()
-                for batch_rows in _chunks(order, cfg.batch_size):
+                for batch_rows in _chunks(order, cfg.optim.minibatch_size):
                     lr = scheduler.get_last_lr()[0]
                     optimizer.zero_grad(set_to_none=True)
                     loss_sum = 0.0
-                    for micro in _chunks(batch_rows, cfg.micro_batch_size):
-                        per_seq = nll_loss(policy, [kept[i] for i in micro], cfg.temperature, ctx.pad_token_id)
+                    for micro in _chunks(batch_rows, cfg.optim.micro_batch_size):
+                        per_seq = nll_loss(policy, [kept[i] for i in micro], cfg.sampling.temperature, ctx.pad_token_id)
                         loss = per_seq.sum() / len(batch_rows)
                         loss.backward()
                         loss_sum += loss.item()
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip))
                     step += 1
                     if math.isfinite(loss_sum) and math.isfinite(grad_norm):
                         optimizer.step()

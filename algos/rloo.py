@@ -21,20 +21,18 @@ A_i into the clipped surrogate). A sequence sum weights long responses more than
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update, batch_logprobs
-from algos.config import make_optimizer
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
 from algos.models.policy import batch_sequences
 from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
-from algos.samplers.base import SamplingParams
-from algos.training.checks import (check_at_least, check_at_most, check_finite, check_fraction, check_non_negative,
-                                   check_positive, check_top_p, check_types)
+from algos.training.checks import check_at_least, check_types
 from algos.training.context import TrainContext
 
 
@@ -44,66 +42,27 @@ class RLOOConfig:
     repository has no RLOO config, so the batch follows VinePPO's (64 prompts × k = 8, T 0.6,
     top_p 0.9, 1024 tokens, lr 1e-6); `cpu_tiny` is the small CPU setting."""
 
-    prompts_per_iteration: int = 64
-    """Distinct problems per iteration."""
-    samples_per_prompt: int = 8
-    """k: responses per problem (>= 2)."""
-    temperature: float = 0.6
-    """Sampling temperature; training log-probs use it too."""
-    top_p: float = 0.9
-    """Nucleus sampling mass."""
-    max_new_tokens: int = 1024
-    """Response budget in tokens."""
-    kl_coef: float = 0.0
-    """β of the k1 KL penalty folded into the sequence reward (0: the plain verifier score)."""
-    aggregation: core.AggregationMode = "seq_mean_token_sum"
-    """seq_mean_token_sum: REINFORCE on sequence log-probs (paper); token_mean: TRL/verl."""
-    epochs: int = 1
-    """Passes over each iteration's responses (1 = on-policy REINFORCE)."""
-    minibatch_size: int = 512
-    """Responses per optimiser step (the whole batch by default: one on-policy step)."""
-    micro_batch_size: int = 8
-    """Responses per forward/backward pass."""
-    learning_rate: float = 1e-6
-    """AdamW learning rate (peak)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.03
-    """Fraction of optimiser steps in linear warm-up, then linear decay to 0."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip."""
-    bf16_autocast: bool = False
-    """Run the policy/reference forward passes of the update under bf16 autocast (weights, optimiser
-    and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16 kernels: 2-3x faster
-    updates on the 2-core AVX512-BF16 machine (experiments/bench/update.py)."""
-    clip_eps: float = 0.2
-    """PPO clip ε, active only when epochs > 1 or there are several mini-batches (off-policy steps)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Problems per iteration and k responses each (samples_per_prompt, >= 2)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=1, minibatch_size=512))
+    """AdamW and schedule; the default mini-batch is the whole batch: one on-policy REINFORCE step."""
+    actor: ActorConfig = field(default_factory=lambda: ActorConfig(
+        kl_coef=0.0, whiten_advantages=False, aggregation="seq_mean_token_sum"))
+    """kl_coef: β of the k1 KL penalty folded into the sequence reward (0: the plain verifier
+    score); aggregation: seq_mean_token_sum is REINFORCE on sequence log-probs (paper), token_mean the
+    TRL/verl variant; clip_eps is active only off-policy (epochs > 1 or several mini-batches)."""
 
     def __post_init__(self) -> None:
-        """Raises TypeError / ValueError naming ``RLOOConfig.<field>`` (see `algos.training.checks`);
-        ``aggregation`` must be one of `core.AggregationMode` (checked with the types)."""
+        """Raises TypeError / ValueError naming ``RLOOConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
-        check_finite(self)
-        check_positive(self, ("prompts_per_iteration", "max_new_tokens", "epochs", "minibatch_size",
-                              "micro_batch_size", "learning_rate", "temperature", "grad_clip", "clip_eps"))
-        check_at_least(self, "samples_per_prompt", 2, "the leave-one-out baseline needs k >= 2")
-        check_top_p(self)
-        check_non_negative(self, ("kl_coef", "weight_decay"))
-        check_fraction(self, "warmup_ratio")
-        check_at_most(self, "micro_batch_size", "minibatch_size")
+        check_at_least(self, "sampling.samples_per_prompt", 2, "the leave-one-out baseline needs k >= 2")
 
     @classmethod
     def cpu_tiny(cls) -> "RLOOConfig":
         """Small setting for the offline tiny model on a 2-core CPU (not a paper's)."""
-        return cls(prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=200, minibatch_size=32,
-                   micro_batch_size=16, learning_rate=1e-6,
-                   bf16_autocast=cpu_has_fast_bf16())
-
-    def sampling(self, n: int, stop_strings: tuple[str, ...]) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, n)
-
-    def steps_per_iteration(self) -> int:
-        return self.epochs * -(-self.prompts_per_iteration * self.samples_per_prompt // self.minibatch_size)
+        return with_fields(cls(), prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=200,
+                           minibatch_size=32, micro_batch_size=16, learning_rate=1e-6,
+                           bf16_autocast=cpu_has_fast_bf16())
 
 
 def sequence_kl_k1(policy, reference, episodes, temperature: float, pad_token_id: int, micro: int = 16,
@@ -127,15 +86,11 @@ class RLOO:
     def __init__(self, config: RLOOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
         self.ctx = ctx
-        self.optimizer, self.scheduler = make_optimizer(
-            ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio,
-            total_steps=config.steps_per_iteration() * total_iterations,
-        )
-        self.settings = ActorSettings(
-            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
-            clip_eps=config.clip_eps, kl_coef=0.0, temperature=config.temperature, grad_clip=config.grad_clip,
-            whiten_advantages=False, pg_aggregation=config.aggregation, bf16_autocast=config.bf16_autocast,
-        )
+        episodes = config.sampling.prompts_per_iteration * config.sampling.samples_per_prompt
+        self.optimizer, self.scheduler = config.optim.build(
+            ctx.policy, config.optim.steps_per_iteration(episodes) * total_iterations)
+        # the KL is a k1 penalty in the reward (see `iteration`), not a term of the loss
+        self.settings = ActorSettings.from_configs(config.optim, config.actor, config.sampling.temperature, kl_coef=0.0)
 
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
@@ -149,16 +104,16 @@ class RLOO:
         cfg, ctx = self.config, self.ctx
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        k = cfg.samples_per_prompt
-        episodes = collect_episodes(ctx.env, ctx.sampler, problems, cfg.sampling(k, ctx.task.stop_strings),
+        k = cfg.sampling.samples_per_prompt
+        episodes = collect_episodes(ctx.env, ctx.sampler, problems, cfg.sampling.params(k, ctx.task.stop_strings),
                                     seed=ctx.seed_for(iteration, "episodes"), timings=timings)
         t1 = time.perf_counter()
         scores = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
         kl, old_logp = torch.zeros_like(scores), None
-        if cfg.kl_coef > 0:
-            kl, old_logp = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.temperature, ctx.pad_token_id,
-                                          cfg.micro_batch_size, cfg.bf16_autocast)
-        rewards = (scores - cfg.kl_coef * kl).view(len(problems), k)
+        if cfg.actor.kl_coef > 0:
+            kl, old_logp = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.sampling.temperature, ctx.pad_token_id,
+                                          cfg.optim.micro_batch_size, cfg.actor.bf16_autocast)
+        rewards = (scores - cfg.actor.kl_coef * kl).view(len(problems), k)
         advantages = core.leave_one_out_advantages(rewards).flatten().tolist()
         per_token = [[a] * len(e.response_ids) for a, e in zip(advantages, episodes)]
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,

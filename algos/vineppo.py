@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
+from algos import core
 from algos.actor import ActorSettings, actor_update
-from algos.config import make_optimizer
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
 from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import Episode, collect_episodes, continue_states, episode_metrics
-from algos.samplers.base import SamplingParams
-from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
-                                   check_top_p, check_types)
+from algos.training.checks import check_non_negative, check_positive, check_types
 from algos.training.context import TrainContext
 from langenv.state import EnvState
 from langenv.steps import step_char_offsets
@@ -40,89 +39,33 @@ from langenv.steps import step_char_offsets
 @dataclass
 class VinePPOConfig:
     """VinePPO hyperparameters. Defaults are the paper's (McGill-NLP/VinePPO configs
-    ``polIter_rho1bSft2_vineppo_{MATH,GSM8K}``); `cpu_tiny` is the small CPU setting of the
+    ``polIter_rho1bSft2_vineppo_{MATH,GSM8K}``: 64 problems x 8 samples, K = 9, 2 epochs of
+    mini-batch 64, lr 1e-6, k3 KL β 1e-4 in the loss); `cpu_tiny` is the small CPU setting of the
     offline default model."""
 
-    prompts_per_iteration: int = 64
-    """Distinct problems sampled per iteration."""
-    samples_per_prompt: int = 8
-    """G: trajectories per problem."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Trajectories per iteration; the MC rollouts use the same temperature, top-p and budget."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=2, minibatch_size=64))
+    """AdamW, schedule and PPO epochs / mini-batches over each iteration's episodes."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """The clipped surrogate, the k3 KL in the loss and per-mini-batch advantage whitening."""
     mc_rollouts: int = 9
     """K: Monte-Carlo continuations per state for V̂."""
     max_step_for_value_estimation: int | None = None
     """Only the first this many step boundaries get MC values (paper: 25 on GSM8K, none on MATH)."""
-    temperature: float = 0.6
-    """Sampling temperature for trajectories and MC rollouts; training log-probs use it too."""
-    top_p: float = 0.9
-    """Nucleus sampling mass for trajectories and MC rollouts."""
-    max_new_tokens: int = 1024
-    """Response budget in tokens; longer responses are truncated and score 0."""
-    epochs: int = 2
-    """PPO epochs over each iteration's episodes."""
-    minibatch_size: int = 64
-    """Episodes per optimiser step."""
-    micro_batch_size: int = 8
-    """Episodes per forward/backward pass (gradient accumulation within a mini-batch)."""
-    learning_rate: float = 1e-6
-    """AdamW learning rate (peak, after warm-up)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_ratio: float = 0.03
-    """Fraction of all optimiser steps spent in linear warm-up; then linear decay to 0."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip."""
-    bf16_autocast: bool = False
-    """Run the policy/reference forward passes of the update under bf16 autocast (weights, optimiser
-    and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16 kernels: 2-3x faster
-    updates on the 2-core AVX512-BF16 machine (experiments/bench/update.py)."""
-    clip_eps: float = 0.2
-    """PPO clip range ε."""
-    kl_coef: float = 1e-4
-    """β of the k3 KL-to-reference term in the loss (fixed, no adaptive controller)."""
-    whiten_advantages: bool = True
-    """Whiten advantages over each mini-batch's response tokens."""
 
     def __post_init__(self) -> None:
         """Raises TypeError / ValueError naming ``VinePPOConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
-        check_finite(self)
-        # temperature > 0: the training log-probs divide the logits by it
-        check_positive(self, ("prompts_per_iteration", "samples_per_prompt", "mc_rollouts", "max_new_tokens",
-                              "epochs", "minibatch_size", "micro_batch_size", "learning_rate", "clip_eps",
-                              "grad_clip", "temperature"))
-        check_non_negative(self, ("kl_coef", "weight_decay", "max_step_for_value_estimation"))
-        check_top_p(self)
-        check_fraction(self, "warmup_ratio")
-        check_at_most(self, "micro_batch_size", "minibatch_size")
+        check_positive(self, ("mc_rollouts",))
+        check_non_negative(self, ("max_step_for_value_estimation",))
 
     @classmethod
     def cpu_tiny(cls) -> "VinePPOConfig":
         """Small setting for the offline tiny model on a 2-core CPU (not the paper's)."""
-        return cls(prompts_per_iteration=8, samples_per_prompt=4, mc_rollouts=4, max_step_for_value_estimation=25,
-                   max_new_tokens=200, minibatch_size=16, micro_batch_size=16, learning_rate=1e-5,
-                   bf16_autocast=cpu_has_fast_bf16())
-
-    def sampling(self, n: int, stop_strings: tuple[str, ...]) -> SamplingParams:
-        """The one sampler setting used for both trajectories and MC rollouts (only n differs)."""
-        return SamplingParams(self.temperature, self.top_p, self.max_new_tokens, stop_strings, n)
-
-    def steps_per_iteration(self) -> int:
-        episodes = self.prompts_per_iteration * self.samples_per_prompt
-        return self.epochs * -(-episodes // self.minibatch_size)
-
-
-def step_advantages(values: Sequence[float], reward: float) -> list[float]:
-    """A_i = r_i + V(s_{i+1}) − V(s_i) for the n steps of one trajectory (γ = 1).
-
-    Args:
-        values: V(s_0) .. V(s_{n−1}), the values of the states where each step starts.
-        reward: the outcome R, given at the last step (r_{n−1} = R, all other r_i = 0).
-    Returns:
-        n advantages; they telescope: Σ_i A_i = R − V(s_0).
-    """
-    n = len(values)
-    nxt = list(values[1:]) + [0.0]
-    return [(reward if i == n - 1 else 0.0) + nxt[i] - values[i] for i in range(n)]
+        return with_fields(cls(), prompts_per_iteration=8, samples_per_prompt=4, mc_rollouts=4,
+                           max_step_for_value_estimation=25, max_new_tokens=200, minibatch_size=16,
+                           micro_batch_size=16, learning_rate=1e-5, bf16_autocast=cpu_has_fast_bf16())
 
 
 @dataclass(frozen=True)
@@ -167,8 +110,8 @@ def step_layout(episode: Episode, tokenizer, split_steps) -> StepLayout:
 
 def token_advantages(layout: StepLayout, values: Sequence[float], reward: float) -> list[float]:
     """Per-token advantages of one response, shape (T,): every token gets its step's A_i
-    (`step_advantages`); a trailing EOS belongs to the last step."""
-    step_adv = step_advantages(values, reward)
+    (`algos.core.step_advantages`); a trailing EOS belongs to the last step."""
+    step_adv = core.step_advantages(values, reward)
     return [step_adv[s] for s in layout.token_steps]
 
 
@@ -181,15 +124,12 @@ class VinePPO:
     def __init__(self, config: VinePPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
         self.ctx = ctx
-        self.optimizer, self.scheduler = make_optimizer(
-            ctx.policy, config.learning_rate, config.weight_decay, config.warmup_ratio,
-            total_steps=config.steps_per_iteration() * total_iterations,
-        )
-        self.actor = ActorSettings(
-            epochs=config.epochs, minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
-            clip_eps=config.clip_eps, kl_coef=config.kl_coef, temperature=config.temperature,
-            grad_clip=config.grad_clip, whiten_advantages=config.whiten_advantages, bf16_autocast=config.bf16_autocast,
-        )
+        episodes = config.sampling.prompts_per_iteration * config.sampling.samples_per_prompt
+        self.optimizer, self.scheduler = config.optim.build(
+            ctx.policy, config.optim.steps_per_iteration(episodes) * total_iterations)
+        # the paper code's KL normalisation: a per-sequence token sum, averaged over sequences
+        self.actor = ActorSettings.from_configs(config.optim, config.actor, config.sampling.temperature,
+                                                kl_aggregation="seq_mean_token_sum")
 
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
@@ -203,7 +143,7 @@ class VinePPO:
         cfg, ctx = self.config, self.ctx
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        params = cfg.sampling(cfg.samples_per_prompt, ctx.task.stop_strings)
+        params = cfg.sampling.params(cfg.sampling.samples_per_prompt, ctx.task.stop_strings)
         episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"), timings=timings)
         t1 = time.perf_counter()
         layouts = [step_layout(e, ctx.tokenizer, ctx.task.split_steps) for e in episodes]
@@ -260,7 +200,7 @@ class VinePPO:
             requests.append(row)
         states = list(unique.values())
         timings: dict[str, float] = {}
-        params = cfg.sampling(cfg.mc_rollouts, ctx.task.stop_strings)
+        params = cfg.sampling.params(cfg.mc_rollouts, ctx.task.stop_strings)
         results = continue_states(ctx.env, ctx.sampler, states, params, seed=ctx.seed_for(iteration, "mc"), timings=timings)
         value_of = {s.token_ids: sum(r.reward for r in rs) / len(rs) for s, rs in zip(states, results)}
         tokens = sum(len(r.state.response_ids) - len(s.response_ids) for s, rs in zip(states, results) for r in rs)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from algos.dpo_plus import DPOPlus, DPOPlusConfig
 from algos.grpo import GRPO, GRPOConfig
 from algos.ppo import PPO, PPOConfig
+from algos.reinforce import REINFORCE, REINFORCEConfig
 from algos.restem import RestEM, RestEMConfig
 from algos.rloo import RLOO, RLOOConfig
 from algos.sft_control import SFTControl, SFTControlConfig
@@ -42,6 +43,7 @@ ALGORITHMS: dict[str, AlgorithmEntry] = {e.name: e for e in (
     AlgorithmEntry("dpo-plus", DPOPlusConfig, DPOPlus, "DPO-Positive on correct/incorrect pairs sampled from the SFT policy"),
     AlgorithmEntry("restem", RestEMConfig, RestEM, "ReST-EM: fine-tune the base model on its own correct samples"),
     AlgorithmEntry("sft", SFTControlConfig, SFTControl, "Control: spend the budget on more SFT on reference solutions"),
+    AlgorithmEntry("reinforce", REINFORCEConfig, REINFORCE, "REINFORCE with a moving-average baseline (the example of adding an algorithm)"),
 )}
 
 

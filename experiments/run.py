@@ -84,7 +84,8 @@ def _resume_command(argv: list[str], run_dir: Path):
 
 
 def _from_json(cls, data: dict, where: str):
-    """Rebuild a config dataclass from its config.json form (lists back to tuples, strings back to paths)."""
+    """Rebuild a config dataclass from its config.json form (nested configs rebuilt the same way,
+    lists back to tuples, strings back to paths)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -92,14 +93,15 @@ def _from_json(cls, data: dict, where: str):
         raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}")
     values = {}
     for name, value in data.items():
-        hint = str(hints[name])
+        hint = hints[name]
+        if isinstance(value, dict) and dataclasses.is_dataclass(hint):
+            value = _from_json(hint, value, f"{where}.{name}")
         if isinstance(value, list):
             value = tuple(value)
-        if isinstance(value, str) and "Path" in hint:
+        if isinstance(value, str) and "Path" in str(hint):
             value = Path(value)
         values[name] = value
     return cls(**values)
-
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from algos.config import with_fields
 from algos.dpo_plus import DPOPlusConfig
 from algos.grpo import GRPO, GRPOConfig
 from algos.ppo import PPOConfig
@@ -269,40 +270,40 @@ def test_unknown_paper_preset_lists_valid_pairs():
 CONFIG_CASES = [
     # (id, config class, overrides, exception, message)
     ("vineppo-negative-lr", VinePPOConfig, {"learning_rate": -1e-6}, ValueError,
-     r"VinePPOConfig\.learning_rate: expected a value > 0, got -1e-06"),
+     r"VinePPOConfig\.optim.learning_rate: expected a value > 0, got -1e-06"),
     ("vineppo-K-zero", VinePPOConfig, {"mc_rollouts": 0}, ValueError,
      r"VinePPOConfig\.mc_rollouts: expected a value > 0, got 0"),
     ("vineppo-kl-nan", VinePPOConfig, {"kl_coef": NAN}, ValueError,
-     r"VinePPOConfig\.kl_coef: expected a finite number, got nan"),
+     r"VinePPOConfig\.actor.kl_coef: expected a finite number, got nan"),
     ("vineppo-micro-over-minibatch", VinePPOConfig, {"minibatch_size": 8, "micro_batch_size": 16}, ValueError,
-     r"VinePPOConfig\.micro_batch_size: expected a value <= minibatch_size \(8\), got 16"),
+     r"VinePPOConfig\.optim.micro_batch_size: expected a value <= minibatch_size \(8\), got 16"),
     ("vineppo-value-steps-negative", VinePPOConfig, {"max_step_for_value_estimation": -1}, ValueError,
      r"VinePPOConfig\.max_step_for_value_estimation: expected a value >= 0 or None, got -1"),
     ("vineppo-temperature-zero", VinePPOConfig, {"temperature": 0.0}, ValueError,
-     r"VinePPOConfig\.temperature: expected a value > 0, got 0\.0"),
+     r"VinePPOConfig\.sampling.temperature: expected a value > 0, got 0\.0"),
     ("ppo-clip-eps-zero", PPOConfig, {"clip_eps": 0.0}, ValueError,
-     r"PPOConfig\.clip_eps: expected a value > 0, got 0\.0"),
+     r"PPOConfig\.actor.clip_eps: expected a value > 0, got 0\.0"),
     ("ppo-gamma-above-1", PPOConfig, {"gamma": 1.5}, ValueError,
      r"PPOConfig\.gamma: expected a value in \[0, 1\], got 1\.5"),
     ("ppo-critic-lr-inf", PPOConfig, {"critic_learning_rate": INF}, ValueError,
      r"PPOConfig\.critic_learning_rate: expected a finite number, got inf"),
     ("ppo-micro-over-minibatch", PPOConfig, {"minibatch_size": 4, "micro_batch_size": 8}, ValueError,
-     r"PPOConfig\.micro_batch_size: expected a value <= minibatch_size \(4\), got 8"),
+     r"PPOConfig\.optim.micro_batch_size: expected a value <= minibatch_size \(4\), got 8"),
     ("grpo-group-size-1", GRPOConfig, {"samples_per_prompt": 1}, ValueError,
-     r"GRPOConfig\.samples_per_prompt: expected a value >= 2 \(group-normalised advantages need a group of at least 2\), got 1"),
+     r"GRPOConfig\.sampling.samples_per_prompt: expected a value >= 2 \(group-normalised advantages need a group of at least 2\), got 1"),
     ("grpo-clip-eps-negative", GRPOConfig, {"clip_eps": -0.2}, ValueError,
-     r"GRPOConfig\.clip_eps: expected a value > 0, got -0\.2"),
+     r"GRPOConfig\.actor.clip_eps: expected a value > 0, got -0\.2"),
     ("grpo-clip-eps-high-zero", GRPOConfig, {"clip_eps_high": 0.0}, ValueError,
-     r"GRPOConfig\.clip_eps_high: expected a value > 0, got 0\.0"),
+     r"GRPOConfig\.actor.clip_eps_high: expected a value > 0, got 0\.0"),
     ("grpo-unknown-aggregation", GRPOConfig, {"aggregation": "mean"}, ValueError,
-     (r"GRPOConfig\.aggregation: expected one of 'token_mean', 'seq_mean_token_mean', 'seq_sum_const', "
+     (r"GRPOConfig\.actor.aggregation: expected one of 'token_mean', 'seq_mean_token_mean', 'seq_sum_const', "
       r"'seq_mean_token_sum', got 'mean'")),
     ("rloo-group-size-1", RLOOConfig, {"samples_per_prompt": 1}, ValueError,
-     r"RLOOConfig\.samples_per_prompt: expected a value >= 2 \(the leave-one-out baseline needs k >= 2\), got 1"),
+     r"RLOOConfig\.sampling.samples_per_prompt: expected a value >= 2 \(the leave-one-out baseline needs k >= 2\), got 1"),
     ("rloo-top-p-zero", RLOOConfig, {"top_p": 0.0}, ValueError,
-     r"RLOOConfig\.top_p: expected a value in \(0, 1\], got 0\.0"),
+     r"RLOOConfig\.sampling.top_p: expected a value in \(0, 1\], got 0\.0"),
     ("rloo-warmup-ratio-1", RLOOConfig, {"warmup_ratio": 1.0}, ValueError,
-     r"RLOOConfig\.warmup_ratio: expected a value in \[0, 1\), got 1\.0"),
+     r"RLOOConfig\.optim.warmup_ratio: expected a value in \[0, 1\), got 1\.0"),
     ("dpo-beta-zero", DPOPlusConfig, {"beta": 0.0}, ValueError,
      r"DPOPlusConfig\.beta: expected a value > 0, got 0\.0"),
     ("dpo-lam-negative", DPOPlusConfig, {"lam": -1.0}, ValueError,
@@ -325,35 +326,35 @@ CONFIG_CASES = [
      r"RestEMConfig\.validation_temperature: expected a value >= 0, got -0\.1"),
     ("restem-unknown-early-stop", RestEMConfig, {"early_stop_method": "latest"}, ValueError,
      r"RestEMConfig\.early_stop_method: expected one of 'restem_paper_original', 'choose_best', 'last', got 'latest'"),
-    ("restem-micro-over-batch", RestEMConfig, {"batch_size": 4, "micro_batch_size": 8}, ValueError,
-     r"RestEMConfig\.micro_batch_size: expected a value <= batch_size \(4\), got 8"),
-    ("sft-steps-over-prompts", SFTControlConfig, {"prompts_per_iteration": 2, "steps_per_iteration": 4}, ValueError,
-     r"SFTControlConfig\.steps_per_iteration: expected a value <= prompts_per_iteration \(2\), got 4"),
+    ("restem-micro-over-batch", RestEMConfig, {"minibatch_size": 4, "micro_batch_size": 8}, ValueError,
+     r"RestEMConfig\.optim.micro_batch_size: expected a value <= minibatch_size \(4\), got 8"),
+    ("sft-unknown-field", SFTControlConfig, {"steps_per_iteration": 4}, TypeError,
+     r"SFTControlConfig: unknown field 'steps_per_iteration'; valid: .*minibatch_size.*"),
     ("sft-weight-decay-negative", SFTControlConfig, {"weight_decay": -0.1}, ValueError,
-     r"SFTControlConfig\.weight_decay: expected a value >= 0, got -0\.1"),
+     r"SFTControlConfig\.optim.weight_decay: expected a value >= 0, got -0\.1"),
     # wrong types (e.g. from a hand-written config file)
     ("grpo-samples-string", GRPOConfig, {"samples_per_prompt": "8"}, TypeError,
-     r"GRPOConfig\.samples_per_prompt: expected an int, got '8'"),
-    ("ppo-epochs-bool", PPOConfig, {"epochs": True}, TypeError, r"PPOConfig\.epochs: expected an int, got True"),
+     r"GRPOConfig\.sampling.samples_per_prompt: expected an int, got '8'"),
+    ("ppo-epochs-bool", PPOConfig, {"epochs": True}, TypeError, r"PPOConfig\.optim.epochs: expected an int, got True"),
     ("vineppo-epochs-float", VinePPOConfig, {"epochs": 1.5}, TypeError,
-     r"VinePPOConfig\.epochs: expected an int, got 1\.5"),
+     r"VinePPOConfig\.optim.epochs: expected an int, got 1\.5"),
     ("dpo-beta-string", DPOPlusConfig, {"beta": "0.3"}, TypeError, r"DPOPlusConfig\.beta: expected a number, got '0\.3'"),
     ("vineppo-whiten-string", VinePPOConfig, {"whiten_advantages": "yes"}, TypeError,
-     r"VinePPOConfig\.whiten_advantages: expected a bool, got 'yes'"),
+     r"VinePPOConfig\.actor.whiten_advantages: expected a bool, got 'yes'"),
 ]
 
 
 @pytest.mark.parametrize("cls, overrides, exc, message", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
 def test_invalid_config_value(cls, overrides, exc, message):
     with pytest.raises(exc, match=f"^{message}$"):
-        cls(**overrides)
+        with_fields(cls(), **overrides)
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_every_config_rejects_a_negative_learning_rate_with_the_same_message(name):
     config = ALGORITHMS[name].config
-    with pytest.raises(ValueError, match=rf"^{config.__name__}\.learning_rate: expected a value > 0, got -0\.001$"):
-        config(learning_rate=-1e-3)
+    with pytest.raises(ValueError, match=rf"^{config.__name__}\.optim\.learning_rate: expected a value > 0, got -0\.001$"):
+        with_fields(config(), learning_rate=-1e-3)
     assert config() and config.cpu_tiny()  # the defaults and the CPU settings are valid
 
 
@@ -446,8 +447,8 @@ def test_unknown_sampler_lists_the_choices(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["algo:grpo", "--samples-per-prompt", "1"], r"GRPOConfig\.samples_per_prompt: expected a value >= 2 .*got 1"),
-    (["algo:rloo", "--samples-per-prompt", "1"], r"RLOOConfig\.samples_per_prompt: expected a value >= 2 .*got 1"),
+    (["algo:grpo", "--samples-per-prompt", "1"], r"GRPOConfig\.sampling.samples_per_prompt: expected a value >= 2 .*got 1"),
+    (["algo:rloo", "--samples-per-prompt", "1"], r"RLOOConfig\.sampling.samples_per_prompt: expected a value >= 2 .*got 1"),
     (["algo:vineppo", "--mc-rollouts", "0"], r"VinePPOConfig\.mc_rollouts: expected a value > 0, got 0"),
     (["algo:vineppo", "--iterations", "-1"], r"iterations: expected (a value )?>= 0, got -1"),
 ], ids=["grpo-group-1", "rloo-group-1", "vineppo-K-0", "negative-iterations"])
@@ -508,8 +509,8 @@ def _run(out: Path, model: Path | str = "tiny", **overrides):
 
 
 def _grpo() -> GRPOConfig:
-    return GRPOConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=8, minibatch_size=4,
-                      micro_batch_size=2)
+    return with_fields(GRPOConfig(), prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=8,
+                       minibatch_size=4, micro_batch_size=2)
 
 
 @pytest.fixture

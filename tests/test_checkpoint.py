@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from algos.config import with_fields
 from algos.training import checkpoint as ck
 
 REPO = Path(__file__).resolve().parent.parent
@@ -154,7 +155,7 @@ def test_trainer_reports_a_failed_save_and_resumes_from_the_previous_checkpoint(
     out = tmp_path / "run"
     run = RunConfig(task="guess", model=str(guess_model_dir), iterations=3, out=out, wandb="disabled", eval_problems=4,
                     eval_every=0, save_every=1, threads=1, canary_problems=0)
-    config = GRPOConfig(prompts_per_iteration=2, samples_per_prompt=4, minibatch_size=8, micro_batch_size=4,
+    config = with_fields(GRPOConfig(), prompts_per_iteration=2, samples_per_prompt=4, minibatch_size=8, micro_batch_size=4,
                         max_new_tokens=16, learning_rate=1e-3)
     real_save, calls = torch.save, []
 

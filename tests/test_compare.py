@@ -78,4 +78,4 @@ def test_a_real_comparison_runs_and_summarises(tmp_path, tokenizer, small_model)
     assert (out / "grpo-seed0" / "summary.json").is_file() and (out / "sft-seed0" / "summary.json").is_file()
     assert "| grpo | 1 |" in text and "| sft | 1 |" in text
     config = json.loads((out / "grpo-seed0" / "config.json").read_text())
-    assert config["algo"]["samples_per_prompt"] == 2 and config["run"]["eval_problems"] == 3
+    assert config["algo"]["sampling"]["samples_per_prompt"] == 2 and config["run"]["eval_problems"] == 3

@@ -11,6 +11,7 @@ from conftest import ToyTask
 from conftest import fake_episodes as _episodes
 
 from algos import core
+from algos.config import with_fields
 from algos.dpo_plus import DPOPlus, DPOPlusConfig, build_pairs, sequence_logprobs, warmup_decay_lr
 from algos.models.policy import clone_reference
 from algos.samplers.base import Completion
@@ -143,9 +144,9 @@ def _ctx(tokenizer, model, sampler, n_problems=2):
 
 
 def _config(**overrides):
-    settings = dict(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=32, batch_size=4,
+    settings = dict(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=32, minibatch_size=4,
                     micro_batch_size=2, learning_rate=1e-3, warmup_ratio=0.0)
-    return DPOPlusConfig(**{**settings, **overrides})
+    return with_fields(DPOPlusConfig(), **{**settings, **overrides})
 
 
 def _pair_logratio(ctx, episodes_pairs, model):
@@ -173,7 +174,7 @@ def test_one_iteration_trains_the_policy_from_reference_samples(tokenizer, small
     assert all(torch.equal(v, ref_before[k]) for k, v in ctx.reference.state_dict().items())
     # the update raised the chosen-vs-rejected log-ratio above the reference's
     from algos.rollout import collect_episodes
-    episodes = collect_episodes(ctx.env, ref_sampler, ctx.env.problems[:1], _config().sampling(()), seed=0)
+    episodes = collect_episodes(ctx.env, ref_sampler, ctx.env.problems[:1], _config().sampling.params(_config().sampling.samples_per_prompt, ()), seed=0)
     correct = [e for e in episodes if e.reward == 1.0]
     wrong = [e for e in episodes if e.reward == 0.0]
     pairs = [(c, r) for c in correct for r in wrong]
@@ -227,7 +228,7 @@ def test_trainer_smoke_run(tmp_path, tokenizer, small_model):
     tokenizer.save_pretrained(model_dir)
     run = RunConfig(model=str(model_dir), iterations=1, out=tmp_path / "run", wandb="disabled", eval_problems=2,
                     threads=1)
-    cfg = DPOPlusConfig(prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=12, batch_size=4,
+    cfg = with_fields(DPOPlusConfig(), prompts_per_iteration=2, samples_per_prompt=3, max_new_tokens=12, minibatch_size=4,
                         micro_batch_size=2)
     summary = train(run, "dpo_plus", cfg, DPOPlus)
     assert 0.0 <= summary["accuracy_after"] <= 1.0
@@ -238,13 +239,13 @@ def test_config_rejects_bad_values():
     for field, value in (("beta", 0.0), ("lam", -1.0), ("samples_per_prompt", 0), ("top_p", 1.5),
                          ("max_pairs_per_problem", 0), ("warmup_ratio", 1.0), ("sample_from", "sft")):
         with pytest.raises(ValueError, match=field):
-            DPOPlusConfig(**{field: value})
+            with_fields(DPOPlusConfig(), **{field: value})
     with pytest.raises(ValueError, match="micro_batch_size"):
-        DPOPlusConfig(batch_size=4, micro_batch_size=8)
+        with_fields(DPOPlusConfig(), minibatch_size=4, micro_batch_size=8)
     with pytest.raises(ValueError, match="refresh_reference"):
-        DPOPlusConfig(refresh_reference=True)
+        with_fields(DPOPlusConfig(), refresh_reference=True)
     cfg = DPOPlusConfig()
-    assert (cfg.samples_per_prompt, cfg.beta, cfg.lam, cfg.learning_rate, cfg.batch_size, cfg.epochs,
-            cfg.max_pairs_per_problem, cfg.temperature, cfg.top_p) == (64, 0.3, 50.0, 1e-6, 64, 3, 64, 0.6, 0.9)
+    assert (cfg.sampling.samples_per_prompt, cfg.beta, cfg.lam, cfg.optim.learning_rate, cfg.optim.minibatch_size, cfg.optim.epochs,
+            cfg.max_pairs_per_problem, cfg.sampling.temperature, cfg.sampling.top_p) == (64, 0.3, 50.0, 1e-6, 64, 3, 64, 0.6, 0.9)
     tiny = DPOPlusConfig.cpu_tiny()
-    assert tiny.prompts_per_iteration == 8 and tiny.max_new_tokens == 200
+    assert tiny.sampling.prompts_per_iteration == 8 and tiny.sampling.max_new_tokens == 200

@@ -11,10 +11,18 @@ import pytest
 import torch
 
 from algos import core
-from algos.config import make_optimizer
+from algos.config import make_optimizer, with_fields
 from algos.models.policy import batch_sequences, clone_reference
-from algos.ppo import (PPO, CriticSettings, PPOConfig, ValueModel, compute_values, critic_update, explained_variance,
-                       terminal_rewards)
+from algos.ppo import (
+    PPO,
+    CriticSettings,
+    PPOConfig,
+    ValueModel,
+    compute_values,
+    critic_update,
+    explained_variance,
+    terminal_rewards,
+)
 from algos.samplers.base import Completion
 from algos.training.context import TrainContext
 from langenv import LanguageEnv, Problem
@@ -239,7 +247,7 @@ def test_critic_update_fits_the_returns_and_skips_nonfinite_minibatches(tokenize
 # ---------------------------------------------------------------- the algorithm
 
 def test_one_iteration_updates_policy_and_critic_and_the_critic_round_trips(ctx, tmp_path):
-    cfg = PPOConfig(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=64, minibatch_size=8,
+    cfg = with_fields(PPOConfig(), prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=64, minibatch_size=8,
                     micro_batch_size=4, learning_rate=1e-3, critic_learning_rate=1e-3, warmup_ratio=0.0)
     algo = PPO(cfg, ctx, total_iterations=2)
     policy_before = [p.detach().clone() for p in ctx.policy.parameters()]
@@ -264,11 +272,11 @@ def test_one_iteration_updates_policy_and_critic_and_the_critic_round_trips(ctx,
 
 
 def test_returns_equal_rewards_with_lambda_gamma_one(ctx):
-    cfg = PPOConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=64, minibatch_size=4,
+    cfg = with_fields(PPOConfig(), prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=64, minibatch_size=4,
                     micro_batch_size=4)
     algo = PPO(cfg, ctx, total_iterations=1)
     from algos.rollout import collect_episodes
-    episodes = collect_episodes(ctx.env, ctx.sampler, ctx.env.problems, cfg.sampling(2, ()), seed=0)
+    episodes = collect_episodes(ctx.env, ctx.sampler, ctx.env.problems, cfg.sampling.params(2, ()), seed=0)
     batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], ctx.pad_token_id)
     mask = batch["response_mask"].float()
     values = compute_values(algo.critic, batch, 2)
@@ -280,14 +288,14 @@ def test_returns_equal_rewards_with_lambda_gamma_one(ctx):
 
 def test_config_defaults_and_validation():
     cfg = PPOConfig()
-    assert (cfg.prompts_per_iteration, cfg.samples_per_prompt, cfg.epochs, cfg.minibatch_size) == (64, 8, 2, 64)
-    assert (cfg.gamma, cfg.lam, cfg.value_clip, cfg.kl_coef) == (1.0, 1.0, 0.2, 1e-4)
-    assert cfg.steps_per_iteration() == 16
+    assert (cfg.sampling.prompts_per_iteration, cfg.sampling.samples_per_prompt, cfg.optim.epochs, cfg.optim.minibatch_size) == (64, 8, 2, 64)
+    assert (cfg.gamma, cfg.lam, cfg.value_clip, cfg.actor.kl_coef) == (1.0, 1.0, 0.2, 1e-4)
+    assert cfg.optim.steps_per_iteration(64 * 8) == 16
     tiny = PPOConfig.cpu_tiny()
-    assert (tiny.prompts_per_iteration, tiny.samples_per_prompt, tiny.max_new_tokens) == (8, 4, 200)
-    assert tiny.learning_rate == tiny.critic_learning_rate == 1e-5 and tiny.steps_per_iteration() == 4
+    assert (tiny.sampling.prompts_per_iteration, tiny.sampling.samples_per_prompt, tiny.sampling.max_new_tokens) == (8, 4, 200)
+    assert tiny.optim.learning_rate == tiny.critic_learning_rate == 1e-5 and tiny.optim.steps_per_iteration(8 * 4) == 4
     for field, value in [("learning_rate", 0.0), ("critic_learning_rate", -1e-6), ("gamma", 1.5), ("lam", -0.1),
                          ("clip_eps", 0.0), ("value_clip", -0.2), ("top_p", 1.5), ("warmup_ratio", 1.0),
                          ("kl_coef", -1.0), ("micro_batch_size", 0)]:
         with pytest.raises(ValueError, match=field):
-            PPOConfig(**{field: value})
+            with_fields(PPOConfig(), **{field: value})

@@ -10,6 +10,7 @@ import torch
 from conftest import ToyTask
 from conftest import fake_episodes as _episodes
 
+from algos.config import with_fields
 from algos.models.policy import clone_reference
 from algos.restem import RestEM, RestEMConfig, filter_kept, nll_loss, select_checkpoint
 from algos.rollout import Episode
@@ -98,10 +99,10 @@ def _setup(tokenizer, small_model, texts=MIXED, **overrides):
     sampler = RecordingSampler(tokenizer, small_model, texts)
     ctx = TrainContext(task, env, sampler, small_model, clone_reference(small_model), tokenizer, seed=0)
     ctx.generator.manual_seed(0)
-    settings = dict(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=32, epochs=3, batch_size=1,
+    settings = dict(prompts_per_iteration=2, samples_per_prompt=4, max_new_tokens=32, epochs=3, minibatch_size=1,
                     micro_batch_size=1, learning_rate=1e-3, warmup_ratio=0.0, eval_every_steps=2,
                     validation_problems=2, validation_samples=1, validation_temperature=0.0)
-    algo = RestEM(RestEMConfig(**{**settings, **overrides}), ctx, total_iterations=2)
+    algo = RestEM(with_fields(RestEMConfig(), **{**settings, **overrides}), ctx, total_iterations=2)
     return ctx, sampler, algo
 
 
@@ -188,7 +189,7 @@ def test_no_kept_samples_returns_to_the_base_model(tokenizer, small_model):
 
 
 def test_real_validation_counts_tokens(tokenizer, small_model):
-    ctx, sampler, algo = _setup(tokenizer, small_model, epochs=1, batch_size=4, micro_batch_size=2,
+    ctx, sampler, algo = _setup(tokenizer, small_model, epochs=1, minibatch_size=4, micro_batch_size=2,
                                 eval_every_steps=1)
     metrics = algo.iteration(ctx.env.problems, 0)
     # the recording sampler answers "so\n#### 1" first: greedy validation of 2 problems is all correct
@@ -206,7 +207,7 @@ def test_trainer_smoke_run(tmp_path, tokenizer, small_model):
     tokenizer.save_pretrained(model_dir)
     run = RunConfig(model=str(model_dir), iterations=1, out=tmp_path / "run", wandb="disabled", eval_problems=2,
                     threads=1)
-    cfg = RestEMConfig(prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=12, batch_size=4,
+    cfg = with_fields(RestEMConfig(), prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=12, minibatch_size=4,
                        micro_batch_size=2, validation_problems=2, validation_samples=1, validation_temperature=0.0)
     summary = train(run, "restem", cfg, RestEM)
     assert 0.0 <= summary["accuracy_after"] <= 1.0
@@ -221,12 +222,12 @@ def test_config_rejects_bad_values():
                          ("validation_temperature", -1.0), ("validation_problems", -1), ("top_p", 0.0),
                          ("early_stop_method", "latest"), ("learning_rate", 0.0)):
         with pytest.raises(ValueError, match=field):
-            RestEMConfig(**{field: value})
+            with_fields(RestEMConfig(), **{field: value})
     with pytest.raises(ValueError, match="micro_batch_size"):
-        RestEMConfig(batch_size=4, micro_batch_size=8)
+        with_fields(RestEMConfig(), minibatch_size=4, micro_batch_size=8)
     cfg = RestEMConfig()
-    assert (cfg.samples_per_prompt, cfg.temperature, cfg.top_p, cfg.reward_threshold, cfg.max_per_problem,
-            cfg.epochs, cfg.learning_rate, cfg.batch_size, cfg.validation_samples, cfg.validation_temperature) == (
+    assert (cfg.sampling.samples_per_prompt, cfg.sampling.temperature, cfg.sampling.top_p, cfg.reward_threshold, cfg.max_per_problem,
+            cfg.optim.epochs, cfg.optim.learning_rate, cfg.optim.minibatch_size, cfg.validation_samples, cfg.validation_temperature) == (
         8, 0.6, 0.9, 1.0, 10, 8, 1e-6, 64, 16, 0.35)
     tiny = RestEMConfig.cpu_tiny()
-    assert tiny.prompts_per_iteration == 8 and tiny.max_new_tokens == 200
+    assert tiny.sampling.prompts_per_iteration == 8 and tiny.sampling.max_new_tokens == 200

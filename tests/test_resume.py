@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from algos.config import with_fields  # noqa: E402
 from experiments.run import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,10 +30,11 @@ ALGO_FLAGS = {
     "ppo": "--samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 2 --learning-rate 1e-3 --critic-learning-rate 1e-3",
     "grpo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
     "rloo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3 --kl-coef 0.05",
-    "dpo-plus": "--samples-per-prompt 4 --batch-size 4 --micro-batch-size 4 --learning-rate 1e-3",
-    "restem": "--samples-per-prompt 4 --batch-size 4 --micro-batch-size 4 --learning-rate 1e-3 --epochs 1 "
+    "dpo-plus": "--samples-per-prompt 4 --minibatch-size 4 --micro-batch-size 4 --learning-rate 1e-3",
+    "restem": "--samples-per-prompt 4 --minibatch-size 4 --micro-batch-size 4 --learning-rate 1e-3 --epochs 1 "
               "--validation-problems 4 --validation-samples 1 --early-stop-method last",
     "sft": "--learning-rate 1e-3",
+    "reinforce": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
 }
 
 # Runs a CLI command in a fresh interpreter with the test-only `guess` task registered.
@@ -168,7 +170,7 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, guess_model
 
     run = RunConfig(task="guess", model=str(guess_model_dir), iterations=5, out=tmp_path / "run", wandb="disabled",
                     eval_problems=4, eval_every=0, threads=1, canary_problems=0, max_nonfinite_updates=3)
-    config = GRPOConfig(prompts_per_iteration=2, samples_per_prompt=4, minibatch_size=4, micro_batch_size=4,
+    config = with_fields(GRPOConfig(), prompts_per_iteration=2, samples_per_prompt=4, minibatch_size=4, micro_batch_size=4,
                         max_new_tokens=16, learning_rate=1e-3)
     with pytest.raises(NonFiniteUpdatesError, match=r"iteration 2: 4 optimiser steps in a row"):
         train(run, "grpo", config, build)

@@ -24,10 +24,11 @@ SMALL = {
     "ppo": "--samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 2 --learning-rate 1e-3 --critic-learning-rate 1e-3",
     "grpo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
     "rloo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
-    "dpo-plus": "--samples-per-prompt 4 --batch-size 4 --micro-batch-size 4 --learning-rate 1e-3",
-    "restem": "--samples-per-prompt 4 --batch-size 4 --micro-batch-size 4 --learning-rate 1e-3 --epochs 1 "
+    "dpo-plus": "--samples-per-prompt 4 --minibatch-size 4 --micro-batch-size 4 --learning-rate 1e-3",
+    "restem": "--samples-per-prompt 4 --minibatch-size 4 --micro-batch-size 4 --learning-rate 1e-3 --epochs 1 "
               "--validation-problems 4 --validation-samples 1 --early-stop-method last",
     "sft": "--learning-rate 1e-3",
+    "reinforce": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
 }
 
 

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from algos.config import with_fields
+from algos.core import step_advantages
 from algos.models.policy import clone_reference
 from algos.rollout import collect_episodes
 from algos.samplers.base import Completion, SamplingParams
 from algos.training.context import TrainContext
-from algos.vineppo import VinePPO, VinePPOConfig, step_advantages, step_layout, token_advantages
+from algos.vineppo import VinePPO, VinePPOConfig, step_layout, token_advantages
 from langenv import LanguageEnv, Problem
 from langenv.steps import split_gsm8k
 
@@ -90,7 +92,7 @@ def toy(tokenizer, small_model):
 def make_algo(ctx, **overrides):
     settings = dict(prompts_per_iteration=1, samples_per_prompt=8, mc_rollouts=4, max_new_tokens=64,
                     minibatch_size=8, micro_batch_size=8)
-    cfg = VinePPOConfig(**{**settings, **overrides})
+    cfg = with_fields(VinePPOConfig(), **{**settings, **overrides})
     return VinePPO(cfg, ctx, total_iterations=1)
 
 
@@ -174,11 +176,11 @@ def test_one_iteration_updates_the_policy_and_reports_finite_metrics(toy):
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="mc_rollouts"):
-        VinePPOConfig(mc_rollouts=0)
+        with_fields(VinePPOConfig(), mc_rollouts=0)
     with pytest.raises(ValueError, match="learning_rate"):
-        VinePPOConfig(learning_rate=-1e-6)
+        with_fields(VinePPOConfig(), learning_rate=-1e-6)
     with pytest.raises(ValueError, match="top_p"):
-        VinePPOConfig(top_p=1.5)
+        with_fields(VinePPOConfig(), top_p=1.5)
 
 
 def test_layout_matches_brute_force_token_mapping_on_real_solutions(tokenizer, gsm8k_task):

@@ -26,8 +26,13 @@ import transformers
 
 from algos.models.policy import load_policy
 from algos.models.sft import SFTConfig, cpu_has_fast_bf16, train_sft
-from algos.models.tiny import (DEFAULT_VOCAB_SIZE, build_char_tokenizer, build_tiny_model, build_tokenizer,
-                               count_parameters)
+from algos.models.tiny import (
+    DEFAULT_VOCAB_SIZE,
+    build_char_tokenizer,
+    build_tiny_model,
+    build_tokenizer,
+    count_parameters,
+)
 from langenv.tasks.base import Task
 
 logger = logging.getLogger(__name__)

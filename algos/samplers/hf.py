@@ -10,8 +10,14 @@ from typing import Sequence
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from algos.samplers.base import (Completion, SamplingParams, check_sampler_args, copy_weights, finish_completion,
-                                 prompt_caps)
+from algos.samplers.base import (
+    Completion,
+    SamplingParams,
+    check_sampler_args,
+    copy_weights,
+    finish_completion,
+    prompt_caps,
+)
 
 # --------------------------------------------------------------------------------------------
 # generate() hooks

@@ -47,8 +47,14 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from algos.samplers.base import (Completion, SamplingParams, check_sampler_args, copy_weights, finish_completion,
-                                 prompt_caps)
+from algos.samplers.base import (
+    Completion,
+    SamplingParams,
+    check_sampler_args,
+    copy_weights,
+    finish_completion,
+    prompt_caps,
+)
 
 __all__ = ["PrefixSharingSampler", "SamplerStats", "stop_candidate_mask"]
 

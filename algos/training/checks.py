@@ -41,8 +41,15 @@ __all__ = [
 ]
 
 
+def _get(cfg: Any, name: str) -> Any:
+    """``cfg.<name>``, where ``name`` may be a dotted path into nested configs (``sampling.top_p``)."""
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def _fail(cfg: Any, name: str, expected: str, exc: type[Exception] = ValueError):
-    raise exc(f"{type(cfg).__name__}.{name}: expected {expected}, got {getattr(cfg, name)!r}")
+    raise exc(f"{type(cfg).__name__}.{name}: expected {expected}, got {_get(cfg, name)!r}")
 
 
 def _is_int(value: Any) -> bool:
@@ -142,7 +149,7 @@ def check_positive(cfg: Any, names: Iterable[str]) -> None:
         ValueError: ``VinePPOConfig.mc_rollouts: expected a value > 0, got 0``.
     """
     for name in names:
-        value = getattr(cfg, name)
+        value = _get(cfg, name)
         if not (_is_real(value) and value > 0):
             _fail(cfg, name, "a value > 0")
 
@@ -154,7 +161,7 @@ def check_non_negative(cfg: Any, names: Iterable[str]) -> None:
         ValueError: ``PPOConfig.kl_coef: expected a value >= 0, got -1.0``.
     """
     for name in names:
-        value = getattr(cfg, name)
+        value = _get(cfg, name)
         if value is not None and not (_is_real(value) and value >= 0):
             _fail(cfg, name, "a value >= 0" + (" or None" if _optional(cfg, name) else ""))
 
@@ -165,7 +172,7 @@ def check_at_least(cfg: Any, name: str, minimum: float, why: str = "") -> None:
     Raises:
         ValueError: ``GRPOConfig.samples_per_prompt: expected a value >= 2 (...), got 1``.
     """
-    value = getattr(cfg, name)
+    value = _get(cfg, name)
     optional = _optional(cfg, name)
     if value is None and optional:
         return
@@ -180,7 +187,7 @@ def check_interval(cfg: Any, name: str, low: float, high: float, low_open: bool 
     Raises:
         ValueError: ``PPOConfig.gamma: expected a value in [0, 1], got 1.5``.
     """
-    value = getattr(cfg, name)
+    value = _get(cfg, name)
     ok = _is_real(value) and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not ok:
         _fail(cfg, name, f"a value in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
@@ -203,8 +210,8 @@ def check_at_most(cfg: Any, name: str, other: str) -> None:
     Raises:
         ValueError: ``GRPOConfig.micro_batch_size: expected a value <= minibatch_size (32), got 64``.
     """
-    if getattr(cfg, name) > getattr(cfg, other):
-        _fail(cfg, name, f"a value <= {other} ({getattr(cfg, other)!r})")
+    if _get(cfg, name) > _get(cfg, other):
+        _fail(cfg, name, f"a value <= {other} ({_get(cfg, other)!r})")
 
 
 def _optional(cfg: Any, name: str) -> bool:

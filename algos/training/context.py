@@ -1,6 +1,9 @@
 """The contract between the training loop and an algorithm.
 
-An algorithm is a class built as ``Algo(config, ctx, total_iterations)``:
+An algorithm is a class built as ``Algo(config, ctx, total_iterations)``. Its ``config`` is a
+dataclass whose ``sampling`` field is an `algos.config.SamplingConfig` (the loop reads
+``prompts_per_iteration`` from it, and the sampled evaluation its temperature, top-p and budget).
+The class provides:
 
 * ``iteration(problems, iteration) -> dict[str, float]`` does one iteration's collection and update
   on this process's shard of the iteration's problems and returns its metrics (``update/*``,

@@ -34,16 +34,34 @@ from algos.models.policy import check_model_source, clone_reference, load_policy
 from algos.models.warm_start import load_model
 from algos.rollout import collect_episodes
 from algos.samplers import Sampler, SamplingParams, make_sampler
-from algos.training.checkpoint import (Checkpoint, CheckpointError, load_checkpoint, rng_state, save_checkpoint,
-                                       set_rng_state, state_fingerprint)
+from algos.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_fingerprint,
+)
 from algos.training.config import RunConfig
 from algos.training.context import Algorithm, TrainContext, select_prompts
 from algos.training.distributed import Dist
 from algos.training.distributed import current as current_dist
 from algos.training.evaluation import accuracy_metrics, evaluate, kl_to_reference
-from algos.training.run_control import (RESUMABLE_CHANGES, NonFiniteUpdatesError, StopRequests, TrainingInterrupted,
-                                        combine_ranks, config_differences, nonfinite_streak, on_main_first, prepare_out,
-                                        read_metrics, seed_everything, start_out)
+from algos.training.run_control import (
+    RESUMABLE_CHANGES,
+    NonFiniteUpdatesError,
+    StopRequests,
+    TrainingInterrupted,
+    combine_ranks,
+    config_differences,
+    nonfinite_streak,
+    on_main_first,
+    prepare_out,
+    read_metrics,
+    seed_everything,
+    start_out,
+)
 from langenv.env import LanguageEnv
 from langenv.tasks.base import Task, make_task
 
@@ -137,7 +155,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
         torch.set_num_threads(threads)
     policy.eval()
     reference = clone_reference(policy)
-    max_new = algo_config.max_new_tokens
+    max_new = algo_config.sampling.max_new_tokens
     context = getattr(policy.config, "max_position_embeddings", None)
     env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
     eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
@@ -210,7 +228,7 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     """Greedy (or ``eval_temperature``) accuracy on the test problems, and with ``eval_sampled``
     the accuracy of one sample per problem at the training temperature and the KL to the reference
     on those samples."""
-    run, cfg = r.run, r.algo_config
+    run, cfg = r.run, r.algo_config.sampling
     t = time.perf_counter()
     res = evaluate(r.eval_env, r.sampler, r.eval_problems, run.eval_samples, run.eval_temperature, run.eval_top_p,
                    cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
@@ -264,7 +282,7 @@ def _loop(r: _Run, state: dict[str, Any]) -> None:
             log({"iteration": 0, **state["before"], **totals, "time/elapsed": time.perf_counter() - start})
         for it in tqdm(range(state["iteration"], stop_at), desc=f"{r.algo_name} iterations", unit="it",
                        initial=state["iteration"], total=run.iterations):
-            problems = select_prompts(r.env.problems, r.algo_config.prompts_per_iteration, run.seed, it)
+            problems = select_prompts(r.env.problems, r.algo_config.sampling.prompts_per_iteration, run.seed, it)
             metrics = combine_ranks(dist, r.algorithm.iteration(dist.shard(problems), it))
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))

@@ -46,12 +46,12 @@ SETTINGS: dict[str, str] = {
     "grpo": f"--samples-per-prompt {G} --epochs 2 --minibatch-size 16 --micro-batch-size 16 --learning-rate 2e-5 "
             "--kl-coef 0.04",
     "rloo": f"--samples-per-prompt {G} --epochs 2 --minibatch-size 16 --micro-batch-size 16 --learning-rate 2e-5",
-    "dpo-plus": "--samples-per-prompt 16 --batch-size 16 --micro-batch-size 16 --epochs 2 --learning-rate 2e-5",
+    "dpo-plus": "--samples-per-prompt 16 --minibatch-size 16 --micro-batch-size 16 --epochs 2 --learning-rate 2e-5",
     # RestEM fine-tunes the base model from scratch each round, so it gets the same problems in
     # fewer, larger rounds: ITERATIONS x PROMPTS problems in RESTEM_ROUNDS rounds (set in specs()).
-    "restem": f"--samples-per-prompt {G} --batch-size 16 --micro-batch-size 16 --epochs 4 --learning-rate 1e-4 "
+    "restem": f"--samples-per-prompt {G} --minibatch-size 16 --micro-batch-size 16 --epochs 4 --learning-rate 1e-4 "
               "--eval-every-steps 4 --validation-problems 200 --validation-samples 1 --validation-temperature 0",
-    "sft": f"--steps-per-iteration {SFT_STEPS} --learning-rate 1e-4",
+    "sft": f"--minibatch-size {PROMPTS // SFT_STEPS} --micro-batch-size {PROMPTS // SFT_STEPS} --learning-rate 1e-4",
 }
 RESTEM_ROUNDS = 2
 
