@@ -1,7 +1,7 @@
 """Symbolic half of the answer checker: math-verify (pinned 0.9.0) behind our own parsing rules.
 
 Only `langenv.grading` calls this, and only for answers that passed `langenv.grading._text.check_safe`.
-Importing it runs a ~1 s warm-up (the GradingPool's forkserver does this once for all workers).
+Importing it runs a ~0.5 s warm-up (each grading worker does this once, right after it starts).
 It should run inside a `GradingPool` worker: math-verify's SIGALRM timeouts (1 s here) work only
 in a process's main thread, and only the pool's hard kill bounds a C-level blow-up.
 
