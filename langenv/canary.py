@@ -187,14 +187,16 @@ def _first_difference(a: str, b: str) -> str:
     return f"first difference at character {i}: {a[i:i + 12]!r} vs {b[i:i + 12]!r}"
 
 
-def _step(env: Any, states: list[EnvState], chunks: list[list[int]]) -> tuple[list[float], list[str], list[str], str]:
-    """env.step_states, with an exception turned into status "error" for every item."""
+def _step(env: Any, states: list[EnvState], chunks: list[list[int]]) -> tuple[list[float], list[str], list[str], list[str], str]:
+    """env.step_states as (rewards, statuses, texts, per-item grading-error causes, call error),
+    with an exception turned into status "error" for every item."""
     try:
         results = env.step_states(states, chunks)
     except Exception as exc:  # the grading path itself is broken: report, do not hide
         msg = f"env.step_states raised {type(exc).__name__}: {exc}"
-        return [0.0] * len(states), ["error"] * len(states), [""] * len(states), msg
-    return [r.reward for r in results], [r.status for r in results], [r.text for r in results], ""
+        return [0.0] * len(states), ["error"] * len(states), [""] * len(states), [""] * len(states), msg
+    return ([r.reward for r in results], [r.status for r in results], [r.text for r in results],
+            [r.info.get("grading_error", "") for r in results], "")
 
 
 def _probe_problems(env: Any, first: Problem) -> list[tuple[Problem, str, float, str]]:
@@ -263,21 +265,21 @@ def run_canary(env: Any, count: int = DEFAULT_COUNT, probes: bool = True) -> Can
         chunks.append(chunk)
         meta.append((round_trip, lost, notes))
 
-    rewards, statuses, texts, error = _step(env, states, chunks)
+    rewards, statuses, texts, causes, error = _step(env, states, chunks)
     retry = [i for i, s in enumerate(statuses) if s == "timeout"]
     if retry:  # a loaded machine can delay one check; a systematic timeout times out again
-        r2, s2, t2, err2 = _step(env, [states[i] for i in retry], [chunks[i] for i in retry])
+        r2, s2, t2, c2, err2 = _step(env, [states[i] for i in retry], [chunks[i] for i in retry])
         for j, i in enumerate(retry):
-            rewards[i], statuses[i], texts[i] = r2[j], s2[j], t2[j]
+            rewards[i], statuses[i], texts[i], causes[i] = r2[j], s2[j], t2[j], c2[j]
         error = error or err2
 
     kind = task.grading_kind
     items = []
-    for (problem, _, expected, _), reward, status, text, (round_trip, lost, notes) in zip(
-        cases, rewards, statuses, texts, meta
+    for (problem, _, expected, _), reward, status, text, cause, (round_trip, lost, notes) in zip(
+        cases, rewards, statuses, texts, causes, meta
     ):
-        if error and status == "error":
-            notes = notes + [error]
+        if status == "error" and (error or cause):
+            notes = notes + [error or f"grading error: {cause}"]
         items.append(CanaryItem(
             problem_id=problem.id, reward=float(reward), status=status,
             extracted=grading.extract_answer(text, kind) if text else None, reference=problem.answer,

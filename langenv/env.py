@@ -25,6 +25,11 @@ from langenv.state import EnvState, transition
 from langenv.tasks.base import Problem, Task, make_task
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass(frozen=True)
 class StepResult:
     """The outcome of applying one chunk of tokens to one state.
@@ -33,7 +38,8 @@ class StepResult:
         state: the new state.
         reward: 1.0/0.0 grade on termination, else 0.0.
         status: grading status on termination ("correct", "incorrect", "no_answer", "timeout",
-            "invalid"), "truncated" on truncation, "running" otherwise.
+            "invalid", or "error" when the grader could not check at all: not a verdict, reward
+            0.0, cause in ``info["grading_error"]``), "truncated" on truncation, "running" otherwise.
         text: the decoded response so far, cut before a stop string, without special tokens.
     """
 
@@ -104,6 +110,8 @@ class LanguageEnv(gym.Env):
                 )
             seen.add(problem.id)
         vocab = len(tokenizer)
+        #: token ids of an action must lie in [0, vocab_size)
+        self.vocab_size = vocab
         self.observation_space = spaces.Sequence(spaces.Discrete(vocab), stack=True)
         self.action_space = spaces.Sequence(spaces.Discrete(vocab), stack=True)
         self._prompt_cache: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -205,7 +213,8 @@ class LanguageEnv(gym.Env):
         for i, (state, text) in enumerate(zip(new_states, texts)):
             if i in by_index:
                 g = by_index[i]
-                results.append(StepResult(state, g.reward, g.status, text))
+                info = {"grading_error": g.cause} if g.status == "error" else {}
+                results.append(StepResult(state, g.reward, g.status, text, info))
             else:
                 results.append(StepResult(state, 0.0, "truncated" if state.truncated else "running", text))
         return results
@@ -232,11 +241,54 @@ class LanguageEnv(gym.Env):
         self._state = self.initial_state(problem)
         return self._observation(), {"problem_id": problem.id}
 
+    def check_action(self, action: Any) -> list[int]:
+        """The action as a list of token ids, after checking that it is a 1-D sequence of integer
+        ids in ``[0, vocab_size)`` (a list, tuple or 1-D integer array; may be empty).
+
+        Raises:
+            ValueError: naming the bad value and the valid range (a string, a scalar, a 2-D array,
+                floats, booleans, an id < 0 or >= ``vocab_size``).
+        """
+        valid = f"expected a 1-D sequence of integer token ids in [0, {self.vocab_size})"
+        if isinstance(action, (str, bytes)):
+            raise ValueError(f"action: {valid}, got a {type(action).__name__} {action[:50]!r}; encode text with the tokenizer first")
+        try:
+            arr = np.asarray(action)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise ValueError(f"action: {valid}, got {_short(action)} ({exc})") from None
+        if arr.ndim != 1:
+            raise ValueError(f"action: {valid}, got a {arr.ndim}-D value of shape {arr.shape}: {_short(action)}")
+        if arr.size == 0:
+            return []
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            bad = next((t for t in arr.tolist() if isinstance(t, bool) or not isinstance(t, int)), arr[0])
+            raise ValueError(f"action: {valid}, got {bad!r} ({type(bad).__name__}) in {_short(action)}")
+        out = [int(t) for t in arr.tolist()]
+        bad = next((t for t in out if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"action: token id {bad} is outside the vocabulary [0, {self.vocab_size}) in {_short(action)}")
+        return out
+
     def step(self, action):
-        """Append a chunk of token ids; returns (obs, reward, terminated, truncated, info)."""
+        """Append a chunk of token ids; returns (obs, reward, terminated, truncated, info).
+
+        ``info`` has "status" (see `StepResult`), "text" and "problem_id".
+
+        Raises:
+            RuntimeError: before `reset`.
+            ValueError: the action is not a 1-D sequence of integer ids in ``[0, vocab_size)``
+                (`check_action`); the state is unchanged.
+            langenv.grading.GradingError: the episode ended but the grader could not check it at
+                all (status "error", an infrastructure failure, never a 0 reward); the state is
+                unchanged, so the same step can be retried once grading works.
+        """
         if self._state is None:
             raise RuntimeError("call reset() before step()")
-        result = self.step_states([self._state], [np.asarray(action, dtype=np.int64).reshape(-1).tolist()])[0]
+        chunk = self.check_action(action)
+        result = self.step_states([self._state], [chunk])[0]
+        if result.status == "error":
+            raise grading.GradingError(
+                f"problem {result.state.problem.id!r}: {result.info.get('grading_error', 'the grader could not check the answer')}")
         self._state = result.state
         info = {"status": result.status, "text": result.text, "problem_id": result.state.problem.id}
         return self._observation(), result.reward, result.state.terminated, result.state.truncated, info

@@ -128,3 +128,45 @@ def test_unknown_task_lists_valid_names(tokenizer):
 
 def test_package_exports():
     assert "gsm8k" in langenv.task_names() and "math" in langenv.task_names()
+
+
+@pytest.mark.parametrize("action, fragment", [
+    ([10**9], "token id 1000000000 is outside the vocabulary [0, {V})"),
+    ([-1], "token id -1 is outside the vocabulary [0, {V})"),
+    ([5, "VOCAB"], "token id {V} is outside the vocabulary [0, {V})"),
+    (np.array([[1, 2], [3, 4]]), "got a 2-D value of shape (2, 2)"),
+    ([[1], [2]], "got a 2-D value"),
+    ("hello", "got a str 'hello'; encode text with the tokenizer first"),
+    (b"hi", "got a bytes"),
+    ([1.0, 2.0], "got 1.0 (float)"),
+    (np.array([1.5]), "got 1.5 (float)"),
+    ([1, 2.5], "got 1.0 (float)"),  # numpy upcasts the list: still refused, naming the float
+    ([True], "got True (bool)"),
+    (7, "got a 0-D value"),
+    ([[1, 2], [3]], "expected a 1-D sequence"),  # ragged
+    (["a"], "got 'a' (str)"),
+])
+def test_bad_actions_are_refused_and_leave_the_state_unchanged(env, action, fragment):
+    env.reset(seed=0)
+    env.step([10, 11])
+    before = env.snapshot()
+    vocab = len(env.tokenizer)
+    if isinstance(action, list) and "VOCAB" in action:
+        action = [vocab if t == "VOCAB" else t for t in action]
+    with pytest.raises(ValueError) as err:
+        env.step(action)
+    msg = str(err.value)
+    assert fragment.replace("{V}", str(vocab)) in msg, msg
+    assert f"[0, {vocab})" in msg  # the valid range is always named
+    assert env.snapshot() == before
+
+
+def test_good_actions_of_every_integer_form_are_accepted(env):
+    env.reset(seed=0)
+    eos, top = env.tokenizer.eos_token_id, len(env.tokenizer) - 1
+    ids = [t for t in range(10, 20) if t != eos]
+    for action in ([ids[0], ids[1]], (ids[2],), np.array(ids[3:5], dtype=np.int32), np.array([ids[5]], dtype=np.uint8), [],
+                   np.array([], dtype=np.int64), [np.int64(ids[6])], [top if top != eos else top - 1]):
+        n = len(env.snapshot().response_ids)
+        env.step(action)
+        assert len(env.snapshot().response_ids) == n + len(action)

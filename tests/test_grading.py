@@ -37,7 +37,7 @@ def check(pool, completion, reference, kind=None) -> Grade:
 
 # ------------------------------------------------------------------------------ API / extraction
 def test_api_shapes():
-    assert STATUSES == ("correct", "incorrect", "no_answer", "timeout", "invalid")
+    assert STATUSES == ("correct", "incorrect", "no_answer", "timeout", "invalid", "error")
     g = grade("#### 18", "18", "gsm8k")
     assert g == Grade(1.0, "correct")
     with pytest.raises(Exception):

@@ -1,18 +1,17 @@
 """Grading under fault (issue 5): timeouts, the memory cap, crashing workers, a wedged pool, the
 per-iteration status counts through the env path, and the grading canary.
 
-Faults are injected through the worker's documented test hook (`langenv._grading_worker.FAULTS`):
+Faults are injected through the worker's documented test hook (`langenv.grading._worker.FAULTS`):
 a pool built while ``LANGENV_GRADING_FAULT_INJECTION=1`` honours references whose first line is
 ``__langenv_fault__:<fault>[:<pid file>]``. Monkeypatching the worker function in this process
-would not work: forkserver workers import `langenv._grading_worker` fresh in the fork server.
-CPU only; about 15 s on 2 cores.
+would not work: workers are separate interpreters that import `langenv.grading._worker` fresh.
+A worker that cannot start is simulated through the other documented hook, ``LANGENV_GRADING_PYTHON``
+(the workers' interpreter). CPU only; about 20 s on 2 cores.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
-
 import pytest
 
 from langenv import LanguageEnv, grading
@@ -72,19 +71,22 @@ def test_memory_cap_gives_invalid_and_the_pool_survives(fault_pool, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, status, counter",
+    "name, crashes",
     [
-        ("exit", "invalid", "crash"),  # os._exit(70)
-        ("segv", "invalid", "crash"),  # SIGSEGV, like a crash in C code
-        ("raise", "invalid", "error"),  # an exception out of the worker function
-        ("exit0", "timeout", "timeout"),  # os._exit(0): pebble does not see it; the timeout does
+        ("exit", 2),  # os._exit(70): retried once on a fresh worker, dies again -> "error"
+        ("segv", 2),  # SIGSEGV, like a crash in C code
+        ("exit0", 2),  # os._exit(0): the pool sees the worker's output close
+        ("raise", 0),  # an exception out of the worker's own code: the worker lives on
     ],
 )
-def test_crashing_worker_is_invalid_and_the_pool_recovers(fault_pool, tmp_path, name, status, counter):
-    before = fault_pool.stats[counter]
+def test_crashing_worker_is_an_error_and_the_pool_recovers(fault_pool, tmp_path, name, crashes):
+    before = dict(fault_pool.stats)
     pid_file = tmp_path / "w.pid"
-    assert fault_pool.grade_many([fault(name, pid_file), OK]) == [Grade(0.0, status), Grade(1.0, "correct")]
-    assert fault_pool.stats[counter] == before + 1
+    bad, ok = fault_pool.grade_many([fault(name, pid_file), OK])
+    assert (bad, ok) == (Grade(0.0, "error"), Grade(1.0, "correct"))
+    assert bad.cause and (name == "raise" or "died 2 times" in bad.cause)
+    assert fault_pool.stats["crash"] == before["crash"] + crashes
+    assert fault_pool.stats["error"] == before["error"] + 1
     if name != "raise":
         assert not running(int(pid_file.read_text()))
     assert fault_pool.grade_many([OK]) == [Grade(1.0, "correct")]
@@ -98,8 +100,8 @@ def test_mixed_faults_in_one_batch():
         items = [OK, fault("hang"), fault("segv"), OK, fault("oom"), fault("exit"), ("#### 18", "18", "gsm8k"), OK]
         start = time.perf_counter()
         statuses = [g.status for g in pool.grade_many(items)]
-        assert statuses == ["correct", "timeout", "invalid", "correct", "invalid", "invalid", "correct", "correct"]
-        assert time.perf_counter() - start < 15  # includes the pool's start-up
+        assert statuses == ["correct", "timeout", "error", "correct", "invalid", "error", "correct", "correct"]
+        assert time.perf_counter() - start < 30  # includes the pool's start-up and 5 replacements
         assert pool.stats["fast"] == 1 and pool.stats["pool"] == 7
 
 
@@ -114,17 +116,43 @@ def test_fault_hook_is_off_by_default(monkeypatch):
         assert time.perf_counter() - start < 10 * TIMEOUT_S
 
 
-def test_a_wedged_pool_cannot_hang_the_caller(fault_pool, monkeypatch):
-    """Last line of defence: if no result ever arrives (pebble wedged), the call still returns."""
-    monkeypatch.setattr(fault_pool, "stall_slack_s", 0.3)
-    monkeypatch.setattr(fault_pool, "RESTART_ALLOWANCE_S", {fault_pool._method: 0.0})  # deadline 3 x 0.5 + 0.3 s
-    monkeypatch.setattr(fault_pool, "_schedule", lambda item, timeout: Future())  # never resolves
-    start = time.perf_counter()
-    assert fault_pool.grade_many([OK, OK]) == [Grade(0.0, "timeout"), Grade(0.0, "timeout")]
-    assert time.perf_counter() - start < fault_pool.stall_deadline_s(2, TIMEOUT_S) + 5
-    assert fault_pool.stats["stalled"] >= 2
-    monkeypatch.undo()
-    assert fault_pool.grade_many([OK]) == [Grade(1.0, "correct")]  # restarted and working
+def _fake_python(tmp_path, body: str) -> str:
+    path = tmp_path / "fake-python"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("python, expected", [
+    ("/nonexistent/bin/python3", "FileNotFoundError"),  # the interpreter is missing
+    ("exits", "exit code 3"),  # it starts but dies before it is ready (e.g. sympy not importable)
+    ("hangs", "not ready within start_timeout_s"),  # it never becomes ready
+])
+def test_a_worker_that_cannot_start_is_an_error_never_a_grade(tmp_path, monkeypatch, python, expected):
+    if python == "exits":
+        python = _fake_python(tmp_path, "echo 'ModuleNotFoundError: No module named sympy' >&2; exit 3")
+    elif python == "hangs":
+        python = _fake_python(tmp_path, "exec sleep 60")
+    monkeypatch.setenv(grading.PYTHON_ENV, python)
+    with GradingPool(workers=2, timeout_s=TIMEOUT_S, start_timeout_s=1.0) as pool:
+        start = time.perf_counter()
+        grades = pool.grade_many([OK, ("#### 18", "18", "gsm8k"), OK])
+        assert [g.status for g in grades] == ["error", "correct", "error"]  # the fast path still works
+        assert time.perf_counter() - start < 10
+        assert expected in grades[0].cause and python in grades[0].cause and expected in pool.last_error
+        assert pool.stats["start_failed"] >= 2 and pool.stats["error"] == 2
+        monkeypatch.delenv(grading.PYTHON_ENV)
+        assert pool.grade_many([OK]) == [Grade(1.0, "correct")]  # recovers once a worker can start
+
+
+def test_is_correct_raises_when_it_cannot_check(monkeypatch):
+    monkeypatch.setenv(grading.PYTHON_ENV, "/nonexistent/bin/python3")
+    monkeypatch.setattr(grading, "_DEFAULT", GradingPool(workers=1, timeout_s=TIMEOUT_S))
+    with pytest.raises(grading.GradingError, match="could not start.*FileNotFoundError.*/nonexistent/bin/python3"):
+        grading.is_correct("\\boxed{(x+1)^2}", "x^2+2x+1")
+    assert grading.is_correct("#### 18", "18")  # decided in process: no worker needed
+    [g] = grading.grade_batch(["\\boxed{(x+1)^2}"], ["x^2+2x+1"])
+    assert g.status == "error" and g.reward == 0.0 and "could not start" in g.cause
 
 
 # --------------------------------------------------------------------------- through the env
@@ -166,7 +194,7 @@ def fault_default_pool(fault_pool, monkeypatch):
 def test_env_step_states_reports_and_counts_fault_statuses(tokenizer, fault_default_pool):
     from algos.rollout import Episode, episode_metrics
 
-    env = LanguageEnv(FaultTask({1: "hang", 2: "segv"}), tokenizer, split="train", max_new_tokens=32,
+    env = LanguageEnv(FaultTask({1: "hang", 2: "oom"}), tokenizer, split="train", max_new_tokens=32,
                       grading_timeout_s=TIMEOUT_S)
     eos = tokenizer.eos_token_id
     enc = lambda s: list(tokenizer(s, add_special_tokens=False).input_ids)
@@ -181,6 +209,22 @@ def test_env_step_states_reports_and_counts_fault_statuses(tokenizer, fault_defa
     assert {k: metrics[f"grading/{k}"] for k in ("correct", "timeout", "invalid", "no_answer", "truncated")} == {
         "correct": 1.0, "timeout": 1.0, "invalid": 1.0, "no_answer": 1.0, "truncated": 1.0}
     assert metrics["grading/incorrect"] == 0.0
+
+
+def test_env_reports_a_grading_error_and_step_raises(tokenizer, monkeypatch):
+    monkeypatch.setenv(grading.PYTHON_ENV, "/nonexistent/bin/python3")
+    monkeypatch.setattr(grading, "_DEFAULT", GradingPool(workers=1, timeout_s=TIMEOUT_S))
+    env = LanguageEnv("math", tokenizer, split="test", max_new_tokens=64)
+    eos = tokenizer.eos_token_id
+    chunk = list(tokenizer("\\boxed{(x+1)^2}", add_special_tokens=False).input_ids) + [eos]
+    problem = Problem("p", "Expand.", "", "x^2+2x+1")
+    [r] = env.step_states([env.initial_state(problem)], [chunk])
+    assert (r.status, r.reward) == ("error", 0.0) and "could not start" in r.info["grading_error"]
+    env.reset(options={"problem": problem})
+    before = env.snapshot()
+    with pytest.raises(grading.GradingError, match="problem 'p'.*could not start"):
+        env.step(chunk)
+    assert env.snapshot() == before  # unchanged: the step can be retried
 
 
 # ----------------------------------------------------------------------------------- canary
@@ -208,13 +252,15 @@ def test_canary_passes_on_real_data(tokenizer, task, split):
 def test_canary_catches_a_broken_worker_pool(tokenizer, monkeypatch):
     """Reference solutions are decided in process; only the probes notice that workers fail."""
     env = LanguageEnv("math", tokenizer, split="test", max_new_tokens=1024)
-    monkeypatch.setattr(GradingPool, "_schedule", lambda self, item, timeout: None)  # every worker check fails
+    monkeypatch.setenv(grading.PYTHON_ENV, "/nonexistent/bin/python3")  # no worker can start
+    monkeypatch.setattr(grading, "_DEFAULT", GradingPool(workers=1, timeout_s=TIMEOUT_S))
     result = run_canary(env)
-    # all three probes need a worker (the known-wrong one too: it must be "incorrect", not "invalid")
+    # all three probes need a worker (the known-wrong one too: it must be "incorrect", not "error")
     assert [i.problem_id for i in result.failures] == ["canary/math/0", "canary/math/1", "canary/math/2"]
-    assert all(i.status == "invalid" and i.cause == "grading" for i in result.failures)
-    with pytest.raises(RuntimeError, match="canary/math/0: status='invalid' reward=0.0 extracted='\\(x\\+1\\)\\^2'"):
+    assert all(i.status == "error" and i.cause == "grading" for i in result.failures)
+    with pytest.raises(RuntimeError, match="canary/math/0: status='error' reward=0.0 extracted='\\(x\\+1\\)\\^2'") as err:
         check_canary(env)
+    assert "could not start" in str(err.value) and "/nonexistent/bin/python3" in str(err.value)
 
 
 def test_canary_catches_a_grader_that_says_yes_to_everything(tokenizer, monkeypatch):
@@ -285,7 +331,7 @@ def test_canary_reports_a_timeout_as_a_timeout(tokenizer, fault_default_pool):
     assert "TIMED OUT" in str(err.value) and "not a wrong answer" in str(err.value) and "GRADER" not in str(err.value)
     # and a crash in the grader is blamed on grading, with the extracted answer shown
     env = LanguageEnv(FaultTask({1: "segv"}), tokenizer, split="train", max_new_tokens=64, grading_timeout_s=TIMEOUT_S)
-    with pytest.raises(RuntimeError, match="faulty/train/1: status='invalid' reward=0.0 extracted='5'"):
+    with pytest.raises(RuntimeError, match="faulty/train/1: status='error' reward=0.0 extracted='5'"):
         check_canary(env, count=4)
 
 

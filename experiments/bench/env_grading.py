@@ -19,7 +19,15 @@ vocabulary 2,048, trained on 400 GSM8K train problems):
   digit), graded (a) serially in process with `langenv.grading.grade` and (b) through a fresh
   `GradingPool` (2 workers, 2 s timeout: the in-process fast path plus the killable sympy workers),
   whose start-up (first call) is timed separately. ``pool share`` is the fraction of checks that
-  needed a worker (sympy).
+  needed a worker (sympy);
+* latency (issue 12; goal <= 2 s each): a COLD first check, i.e. ``langenv.grading.is_correct`` in a
+  fresh ``python`` process whose pool has not started (the worker's interpreter start, the sympy /
+  math-verify import and warm-up, and the check), for ordinary MATH answers that need sympy
+  (``$\boxed{50.27}$`` vs ``16\pi``, ``$(x+1)^2$`` vs ``x^2+2x+1``), worst of ``--cold-repeats``
+  fresh processes (the import of langenv itself is reported apart); and every ADVERSARIAL probe
+  (the ``adversarial`` cases of ``shared/testdata/grader_cases.jsonl`` and the dangerous inputs of
+  ``tests/test_grading.py``: exponent towers, huge factorials, deep nesting, 5,000-digit numbers)
+  graded one at a time through a warm `GradingPool`, worst case reported.
 
 With ``--metrics`` (a run's ``metrics.jsonl``, written by `algos.training.loop`), the costs are set against
 each logged iteration: ``time/grading`` (the run's own measurement of env stepping + grading, from
@@ -56,7 +64,7 @@ ENV_GOAL, GRADING_GOAL = 0.01, 0.05  # shares of time/iteration
 
 # ------------------------------------------------------------------------------------ machine
 def machine() -> dict:
-    """CPU model, cores (logical, and usable by this process), Python/torch/pebble versions, date (UTC)."""
+    """CPU model, cores (logical, and usable by this process), Python/torch versions, date (UTC)."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -64,7 +72,6 @@ def machine() -> dict:
             cpu = m.group(1).strip() if m else cpu
     except OSError:
         pass
-    import pebble
     import torch
     import transformers
 
@@ -75,7 +82,6 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "pebble": pebble.__version__,
         "platform": platform.platform(),
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -225,6 +231,57 @@ def bench_grading(limit: int | None, workers: int, timeout_s: float) -> dict:
             "workers": workers, "timeout_s": timeout_s}
 
 
+# ------------------------------------------------------------------------------------ latency
+COLD_CASES = [("$\\boxed{50.27}$", "16\\pi"), ("$(x+1)^2$", "$x^2+2x+1$")]
+ADVERSARIAL = [
+    ("\\boxed{\\dfrac{5^{\\left(5^{\\left(5^{\\left(5^5\\right)}\\right)} - 4\\right)} - 5}{16}}", "5"),
+    ("\\boxed{9^{9^{9^{9}}}}", "9"), ("\\boxed{(10^6)!}", "5"), ("\\boxed{10000!}", "5"),
+    ("\\boxed{\\frac{1}{2006!}}", "\\frac{1}{2004!}"), ("\\boxed{10^{10^{8}}}", "10"), ("\\boxed{2^{2^{64}}}", "2"),
+    ("\\boxed{x^{123456}}", "x"), ("\\boxed{" + "(" * 60 + "1" + ")" * 60 + "}", "1"),
+    ("\\boxed{" + "7" * 5000 + "}", "7" * 4999 + "8"), ("\\boxed{" * 500, "5"), ("9" * 20000, "9"),
+]
+_COLD_SCRIPT = """
+import json, sys, time
+t0 = time.perf_counter()
+from langenv.grading import is_correct
+t1 = time.perf_counter()
+ok = is_correct(sys.argv[1], sys.argv[2])
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "first_check_s": t2 - t1, "correct": ok}))
+"""
+
+
+def bench_latency(repeats: int, timeout_s: float) -> dict:
+    """Cold first check (fresh processes) and adversarial probes (warm pool), in seconds."""
+    import subprocess
+
+    from langenv.grading import GradingPool
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cold = []
+    for completion, reference in COLD_CASES:
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, "-c", _COLD_SCRIPT, completion, reference], capture_output=True,
+                                 text=True, env=env, check=True, timeout=120).stdout
+            cold.append({"completion": completion, "reference": reference, **json.loads(out.strip().splitlines()[-1])})
+    probes = list(ADVERSARIAL)
+    cases = REPO.parent / "shared" / "testdata" / "grader_cases.jsonl"
+    if cases.exists():
+        with open(cases, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        probes += [(r["completion_or_answer"], r["reference"]) for r in rows if r.get("adversarial")]
+    adversarial = []
+    with GradingPool(workers=2, timeout_s=timeout_s) as pool:
+        pool.start(1)
+        for completion, reference in probes:
+            t = time.perf_counter()
+            [g] = pool.grade_many([(completion, reference, "math")])
+            adversarial.append({"probe": completion[:60], "status": g.status, "seconds": time.perf_counter() - t})
+    return {"cold": cold, "cold_first_check_max_s": max(c["first_check_s"] for c in cold),
+            "cold_import_max_s": max(c["import_s"] for c in cold),
+            "adversarial": adversarial, "adversarial_max_s": max(a["seconds"] for a in adversarial)}
+
+
 # ------------------------------------------------------------------------------------- shares
 def shares(metrics_path: Path, env_us_per_completion: float, checks_per_s: float) -> dict:
     """Env and grading costs as shares of each logged iteration (see the module docstring)."""
@@ -282,7 +339,13 @@ def print_table(result: dict) -> None:
     m = result["machine"]
     print(f"\nlangenv env + grading benchmark, {m['date_utc']} UTC")
     print(f"machine: {m['cpu']}, {m['cores_usable']} usable / {m['cores_logical']} logical cores; "
-          f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pebble {m['pebble']}")
+          f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}")
+    if "env" in result:  # absent with --latency-only
+        _print_env_grading(result)
+    _print_rest(result)
+
+
+def _print_env_grading(result: dict) -> None:
     env = result["env"]
     print(f"\nenvironment (GSM8K test, tiny BPE vocab {env['meta']['vocab']}; completions "
           f"{env['meta']['completion_tokens_mean']:.0f} tokens on average)")
@@ -298,6 +361,18 @@ def print_table(result: dict) -> None:
         print(f"  {name:<16} {r['checks']:>7} {r['in_process_checks_per_s']:>11.0f} {r['pool_checks_per_s']:>9.0f} "
               f"{r['pool_share']:>11.1%} {r['accuracy_in_process']:>12.1%} {r['accuracy_pool']:>9.1%} {r['agree']:>6.1%}")
     print(f"  all sets through the pool: {g['pool_mixed_checks_per_s']:.0f} checks/s")
+
+
+def _print_rest(result: dict) -> None:
+    lat = result.get("latency")
+    if lat:
+        print(f"\nlatency (goal <= 2 s): cold first check (fresh process, pool not started) worst "
+              f"{lat['cold_first_check_max_s']:.2f} s over {len(lat['cold'])} processes "
+              f"(+ import langenv.grading {lat['cold_import_max_s']:.2f} s)")
+        for c in lat["cold"]:
+            print(f"  {c['completion']!r} vs {c['reference']!r}: {c['first_check_s']:.2f} s (is_correct={c['correct']})")
+        print(f"  adversarial probes: {len(lat['adversarial'])}, worst {lat['adversarial_max_s']:.3f} s "
+              f"(statuses {sorted({a['status'] for a in lat['adversarial']})})")
     if "shares" in result:
         s = result["shares"]["mean"]
         sh = result["shares"]
@@ -323,12 +398,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=float, default=2.0, help="grading pool per-check timeout, seconds")
     ap.add_argument("--task", default=None, help="task of the --metrics run (default: its config.json), "
                     "which picks the grading throughput used for its share")
+    ap.add_argument("--cold-repeats", type=int, default=3, help="fresh processes per cold-check case")
+    ap.add_argument("--latency-only", action="store_true", help="only the latency measurements (a few seconds)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, 200 problems per dataset")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.limit = 3, args.limit or 200
     if args.metrics is not None and not args.metrics.exists():
         ap.error(f"--metrics: {args.metrics} does not exist")
+
+    if args.latency_only:
+        result = {"machine": machine(), "latency": bench_latency(args.cold_repeats, args.timeout)}
+        print_table(result)
+        return result
 
     import torch
 
@@ -340,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
     train = task.load("train")[:400]
     tok = build_tokenizer([p.question for p in train] + [task.target(p) for p in train], vocab_size=2048)
     result = {"machine": machine(), "env": bench_env(tok, args.repeats),
-              "grading": bench_grading(args.limit, args.workers, args.timeout)}
+              "grading": bench_grading(args.limit, args.workers, args.timeout),
+              "latency": bench_latency(args.cold_repeats, args.timeout)}
     per_completion = result["env"]["us_per_call"]["step_states x64, whole completion, no EOS (per item, no grading)"]
     if args.metrics is not None:
         task = args.task or run_task(args.metrics)

@@ -5,6 +5,13 @@ Usage (from the repository root):
     python experiments/bench/grader_conformance.py --cases PATH --workers 2 --timeout 2.0
     python experiments/bench/grader_conformance.py --detect-kind       # ignore the cases' kind field
     python experiments/bench/grader_conformance.py --gold              # + GSM8K/MATH-500 gold solutions
+    python experiments/bench/grader_conformance.py --in-pool-worker    # the same, inside a daemonic
+                                                                       # multiprocessing.Pool worker
+    python experiments/bench/grader_conformance.py --limit 100         # the first 100 cases only
+
+``--in-pool-worker`` runs the grading inside a `multiprocessing.Pool` worker (a daemonic process,
+like ``datasets.map(num_proc=N)`` or a DataLoader worker; ``--start-method`` picks the method):
+the figure must be the same as in a plain process (issue 12).
 
 Every case is graded on its own (``pool.grade_many([case])``) so that its wall-clock time can be
 reported; the pool's per-check hard limit (``--timeout``) is the per-case limit, and a timeout,
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -180,13 +188,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detect-kind", action="store_true", help="pass kind=None (detect from reference)")
     ap.add_argument("--target", type=float, default=0.97)
     ap.add_argument("--adversarial-limit", type=float, default=2.0)
+    ap.add_argument("--limit", type=int, default=0, help="grade only the first N cases (0: all)")
+    ap.add_argument("--in-pool-worker", action="store_true",
+                    help="grade inside a daemonic multiprocessing.Pool worker instead of this process")
+    ap.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(), default=None,
+                    help="start method of that Pool (default: the platform's)")
     ap.add_argument("--gold", action="store_true",
                     help="also grade every GSM8K-test / MATH-500 gold solution against its answer")
     args = ap.parse_args(argv)
     if not args.cases.exists():
         print(f"cases file not found: {args.cases}", file=sys.stderr)
         return 2
-    result = run(load_cases(args.cases), args.workers, args.timeout, args.detect_kind)
+    cases = load_cases(args.cases)
+    if args.limit > 0:
+        cases = cases[:args.limit]
+    run_args = (cases, args.workers, args.timeout, args.detect_kind)
+    if args.in_pool_worker:
+        with multiprocessing.get_context(args.start_method).Pool(1) as mp_pool:
+            result = mp_pool.apply(run, run_args)
+        print(f"graded inside a daemonic multiprocessing.Pool worker (start method "
+              f"{args.start_method or multiprocessing.get_start_method()})")
+    else:
+        result = run(*run_args)
     status = report(result, args.target, args.adversarial_limit)
     if args.gold:
         print()

@@ -1,7 +1,7 @@
 """Symbolic half of the answer checker: math-verify (pinned 0.9.0) behind our own parsing rules.
 
-Only `langenv.grading` calls this, and only for answers that passed `_grading_text.check_safe`.
-Importing it runs a ~1 s warm-up (the GradingPool's forkserver does this once for all workers).
+Only `langenv.grading` calls this, and only for answers that passed `langenv.grading._text.check_safe`.
+Importing it runs a ~0.5 s warm-up (each grading worker does this once, right after it starts).
 It should run inside a `GradingPool` worker: math-verify's SIGALRM timeouts (1 s here) work only
 in a process's main thread, and only the pool's hard kill bounds a C-level blow-up.
 
@@ -27,7 +27,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 from math_verify import grader as _mv_grader
 from math_verify.errors import TimeoutException
 
-from langenv._grading_text import Num, decimal_agrees
+from langenv.grading._text import Num, decimal_agrees
 
 MV_TIMEOUT_S = 1  # math-verify parsing_timeout / timeout_seconds (signal based, main thread only)
 _LATEX_ONLY = [LatexExtractionConfig()]

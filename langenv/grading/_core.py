@@ -1,0 +1,210 @@
+"""Rules of `langenv.grading` that run in any process: `Grade`, the statuses, extraction, and the
+comparison (`grade`, `_fast`). See the package docstring of `langenv.grading` for the policies.
+
+Kept free of the worker machinery so that the grading worker (`langenv.grading._worker`) imports
+only this, the string rules and the symbolic checker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from langenv.grading import _extract as X
+from langenv.grading import _text as T
+
+STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "invalid", "error")
+KINDS: tuple[str, ...] = ("gsm8k", "math")
+
+
+class GradingError(RuntimeError):
+    """The grader could not check an answer at all (an infrastructure failure, never a verdict on
+    the answer): a grading worker could not start, died twice on the same check, or the symbolic
+    checker (sympy / math-verify) cannot be imported. The message names the cause."""
+
+
+@dataclass(frozen=True)
+class Grade:
+    """Result of one check: ``reward`` is 1.0 for "correct", else 0.0; ``status`` is in STATUSES.
+
+    ``cause`` says why for status "error" (e.g. "grading worker could not start: ..."); it is ""
+    otherwise and is not part of equality (``Grade(0.0, "error", "x") == Grade(0.0, "error")``)."""
+
+    reward: float
+    status: str
+    cause: str = field(default="", compare=False)
+
+
+_CORRECT = Grade(1.0, "correct")
+
+
+def _g(status: str) -> Grade:
+    return _CORRECT if status == "correct" else Grade(0.0, status)
+
+
+def detect_kind(reference: str) -> str:
+    """"gsm8k" if the reference contains a GSM8K ``#### N`` line, else "math". Never raises for a
+    str; a bare number reference is "math" (the math rules include exact numeric comparison)."""
+    return X.detect_kind(reference)
+
+
+def extract_answer(text: str, kind: str) -> str | None:
+    """The final answer of a completion or of a reference (solution, rationale or bare answer),
+    as a raw string, or None when there is none. ``kind`` is "gsm8k" or "math" (the rules are the
+    same today; the argument keeps the door open for per-task rules). Never raises for a str."""
+    return X.extract(text, kind)
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+# --------------------------------------------------------------------------------------------
+def _gsm8k_number(ans: str) -> T.Num | None:
+    num = T.parse_number(ans)
+    if num is not None:
+        return num
+    s = T.clean(ans)
+    if "=" in s:
+        num = T.parse_number(s.rsplit("=", 1)[1])
+        if num is not None:
+            return num
+    last = X.last_number(s)
+    return T.parse_number(last[1]) if last else None
+
+
+def _texty(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z][A-Za-z' ]*", s))
+
+
+_ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=[^=]*$")  # "k = 1" (one '=')
+_STRING_ONLY = re.compile(r"\\[lc]?dots|\.\.\.|(?<![A-Za-z_\d])\d+_\{?\d+\}?")
+
+
+def _elem_equal(gold: str, pred: str, symbolic: bool) -> bool:
+    """One element against one element. Raises T.NeedSympy (fast mode) or T.Refused."""
+    cg, cp = T.canon(gold), T.canon(pred)
+    if cg == cp:
+        return bool(cg)
+    if not cg or not cp:
+        return False
+    lg, lp = T.clean(gold), T.clean(pred)
+    if _texty(lg) and _texty(lp):
+        if max(len(lg), len(lp)) > 1 and "'" not in lg + lp:
+            return " ".join(lg.lower().split()) == " ".join(lp.lower().split())
+        return False
+    if (_texty(lg) and len(lg) > 2) or (_texty(lp) and len(lp) > 2):
+        return False  # a word against math
+    if _STRING_ONLY.search(lg) or _STRING_ONLY.search(lp):
+        return False
+    ng, np_ = T.parse_number(gold), T.parse_number(pred)
+    if ng is not None and np_ is not None:
+        return T.numbers_equal(ng, np_)
+    # a number against "x = <number>": math-verify compares the right-hand sides; so do we
+    if ng is not None and "=" in lp:
+        rhs = T.parse_number(lp.rsplit("=", 1)[1])
+        if rhs is not None:
+            return T.numbers_equal(ng, rhs)
+    if np_ is not None and _ASSIGNMENT.match(lg):
+        rhs = T.parse_number(lg.split("=", 1)[1])
+        if rhs is not None:
+            return T.numbers_equal(rhs, np_)
+    T.check_safe(lg)
+    T.check_safe(lp)
+    if not symbolic:
+        raise T.NeedSympy
+    from langenv.grading import _sym
+
+    return _sym.equal(lg, lp, ng, np_)
+
+
+def _same_set(golds: list[str], preds: list[str], symbolic: bool) -> bool:
+    """Set equality under _elem_equal: every reference element equals some predicted element and
+    every predicted element equals some reference element (so an extra or hedged element fails,
+    and ``\\boxed{x+11}`` or ``\\boxed{11+x}`` counts once). Identical pairs are paired first."""
+    cache: dict[tuple[int, int], bool] = {}
+
+    def eq(i: int, j: int) -> bool:
+        if (i, j) not in cache:
+            cache[(i, j)] = _elem_equal(golds[i], preds[j], symbolic)
+        return cache[(i, j)]
+
+    cg, cp = [T.canon(g) for g in golds], [T.canon(p) for p in preds]
+    gold_ok = [c in cp for c in cg]
+    pred_ok = [c in cg for c in cp]
+    for i in (i for i, ok in enumerate(gold_ok) if not ok):
+        order = sorted(range(len(preds)), key=lambda j: pred_ok[j])  # unmatched preds first
+        j = next((j for j in order if eq(i, j)), None)
+        if j is None:
+            return False
+        pred_ok[j] = True
+    return all(ok or any(eq(i, j) for i in range(len(golds))) for j, ok in enumerate(pred_ok))
+
+
+def _compare(gold: str, pred: str, kind: str, symbolic: bool) -> str:
+    if kind == "gsm8k":
+        gnum = _gsm8k_number(gold)
+        if gnum is not None:
+            pnum = _gsm8k_number(pred)
+            return "correct" if pnum is not None and T.numbers_equal(gnum, pnum) else "incorrect"
+    if T.canon(gold) == T.canon(pred):
+        return "correct"
+    golds, preds = T.elements(gold), T.elements(pred)
+    if not golds:
+        return "invalid"
+    if not preds:
+        return "incorrect"
+    if len(golds) > T.MAX_ELEMENTS or len(preds) > T.MAX_ELEMENTS:
+        return "incorrect"
+    if len(golds) != len(preds) and (
+        (len(golds) == 1 and T.is_container(golds[0])) or (len(preds) == 1 and T.is_container(preds[0]))
+    ):  # a tuple/interval/set against a bare list: compare the whole answers (ordered for tuples)
+        return "correct" if _elem_equal(gold, pred, symbolic) else "incorrect"
+    return "correct" if _same_set(golds, preds, symbolic) else "incorrect"
+
+
+def _grade(completion: str, reference: str, kind: str | None, symbolic: bool) -> Grade:
+    if not isinstance(completion, str) or not isinstance(reference, str):
+        return _g("invalid")
+    if kind not in KINDS:
+        kind = detect_kind(reference)
+    gold = X.extract(reference, kind)
+    if not gold or not T.canon(gold):
+        return _g("invalid")
+    pred = X.extract(completion, kind)
+    if not pred or not T.canon(pred):
+        return _g("no_answer")
+    try:
+        return _g(_compare(gold, pred, kind, symbolic))
+    except T.Refused:
+        return _g("invalid")
+
+
+def grade(completion: str, reference: str, kind: str | None = None) -> Grade:
+    """Grade one completion in this process (see the module docstring for the rules/statuses).
+
+    ``kind`` is "gsm8k" or "math"; None (or anything else) means `detect_kind(reference)`.
+    Never returns "error". Raises `GradingError` only when sympy / math-verify cannot be imported;
+    otherwise never raises for str inputs (a non-str input is "invalid"). math-verify's 1 s alarms run only
+    in the main thread; in another thread a symbolic check can hang, and in any thread a C-level
+    blow-up is not interruptible, so use it inside a worker or where hangs are acceptable."""
+    try:
+        return _grade(completion, reference, kind, symbolic=True)
+    except ImportError as exc:  # never the answer's fault: sympy / math-verify is missing or broken
+        raise GradingError(f"the symbolic checker cannot be imported: {type(exc).__name__}: {exc}") from exc
+    except Exception:  # includes RecursionError and MemoryError (RLIMIT_AS in a worker)
+        return _g("invalid")
+    except BaseException as exc:  # math-verify's TimeoutException subclasses BaseException
+        if type(exc).__name__ == "TimeoutException":
+            return _g("timeout")
+        raise
+
+
+def _fast(completion: str, reference: str, kind: str | None) -> Grade | None:
+    """The grade if it needs no sympy (strings, exact numbers, guards), else None. Never raises."""
+    try:
+        return _grade(completion, reference, kind, symbolic=False)
+    except T.NeedSympy:
+        return None
+    except Exception:
+        return None
+
+
