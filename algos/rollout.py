@@ -15,6 +15,7 @@ from typing import Sequence
 
 from algos.samplers.base import Completion, Sampler, SamplingParams
 from langenv.env import LanguageEnv, StepResult
+from langenv.grading import STATUSES, GradingError
 from langenv.state import EnvState
 
 
@@ -43,6 +44,32 @@ class Episode:
         return self.state.response_ids
 
 
+#: Share of graded results with status "error" above which a collection stops the run.
+MAX_GRADING_ERROR_SHARE = 0.05
+
+
+def check_grading_errors(results: Sequence[StepResult], max_share: float = MAX_GRADING_ERROR_SHARE) -> int:
+    """Count the results the grader could not check (status "error", an infrastructure failure:
+    their reward 0 is not a verdict) and stop when they are more than ``max_share`` of the graded
+    ones, so an update never trains on rewards zeroed by a broken grader (the failure mode of verl
+    PR #5635). Below the share they stay in the batch with reward 0 and are counted in
+    ``grading/error``.
+
+    Returns:
+        The number of "error" results.
+    Raises:
+        langenv.grading.GradingError: naming the count, the share and the first cause.
+    """
+    graded = [r for r in results if r.status in STATUSES]
+    errors = [r for r in graded if r.status == "error"]
+    if errors and len(errors) > max_share * len(graded):
+        cause = errors[0].info.get("grading_error", "unknown cause")
+        raise GradingError(f"{len(errors)} of {len(graded)} graded responses ({len(errors) / len(graded):.0%}, more "
+                           f"than {max_share:.0%}) could not be checked by the grader; stopping before an update. "
+                           f"First cause: {cause}")
+    return len(errors)
+
+
 def completion_chunk(completion: Completion, eos_token_id: int) -> list[int]:
     """Token ids to step the env with: the completion, plus EOS when it finished without one."""
     ids = list(completion.token_ids)
@@ -58,6 +85,7 @@ def continue_states(
     params: SamplingParams,
     seed: int | None = None,
     timings: dict[str, float] | None = None,
+    max_error_share: float = MAX_GRADING_ERROR_SHARE,
 ) -> list[list[StepResult]]:
     """Sample ``params.n`` continuations of each live state and step them through the env.
 
@@ -66,8 +94,12 @@ def continue_states(
 
     Args:
         timings: if given, seconds spent are added under "generate" and "env" (stepping and grading).
+        max_error_share: see `check_grading_errors`.
     Returns:
         For each state, ``params.n`` step results in sampling order.
+    Raises:
+        langenv.grading.GradingError: more than ``max_error_share`` of the graded continuations got
+            status "error" (the grader could not check them), before anything is trained on them.
     """
     if not states:
         return []
@@ -80,6 +112,7 @@ def continue_states(
             flat_states.append(state)
             chunks.append(completion_chunk(c, state.eos_token_id))
     results = env.step_states(flat_states, chunks)
+    check_grading_errors(results, max_error_share)
     if timings is not None:
         timings["generate"] = timings.get("generate", 0.0) + t1 - t0
         timings["env"] = timings.get("env", 0.0) + time.perf_counter() - t1
@@ -101,7 +134,8 @@ def collect_episodes(
     return [Episode(r.state, r.reward, r.status, r.text) for group in groups for r in group]
 
 
-GRADING_STATUSES = ("correct", "incorrect", "no_answer", "timeout", "invalid", "truncated")
+#: Every status an episode can end with: the grader's (`langenv.grading.STATUSES`) and "truncated".
+GRADING_STATUSES = STATUSES + ("truncated",)
 
 
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:

@@ -12,6 +12,7 @@ A worker that cannot start is simulated through the other documented hook, ``LAN
 from __future__ import annotations
 
 import time
+
 import pytest
 
 from langenv import LanguageEnv, grading

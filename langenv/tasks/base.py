@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
-
 #: VinePPO's prompt for both GSM8K and MATH (McGill-NLP/VinePPO,
 #: configs/prompt_library/MATH_step_by_step_sft.jsonnet). BOS is prepended by the tokenizer.
 VINEPPO_PROMPT = "[MATH_TASK] Problem:\n{problem}\n\nSolution:"
