@@ -80,6 +80,7 @@ class ActorSettings:
     kl_clamp: float = 10.0
     clip_eps_high: float | None = None  # ε_hi (DAPO clip-higher); None = clip_eps
     policy_loss: str = "clip"  # a name in `algos.core.POLICY_LOSSES`
+    permute_advantages: bool = False  # the null control: advantages permuted within each mini-batch
     pg_aggregation: core.AggregationMode = "token_mean"
     kl_aggregation: core.AggregationMode = "seq_mean_token_sum"
     kl_estimator: str = "k3"
@@ -96,7 +97,8 @@ class ActorSettings:
         fields = dict(
             epochs=optim.epochs, minibatch_size=optim.minibatch_size, micro_batch_size=optim.micro_batch_size,
             grad_clip=optim.grad_clip, temperature=temperature, clip_eps=actor.clip_eps,
-            clip_eps_high=actor.clip_eps_high, policy_loss=actor.policy_loss, kl_coef=actor.kl_coef,
+            clip_eps_high=actor.clip_eps_high, policy_loss=actor.policy_loss,
+            permute_advantages=actor.permute_advantages, kl_coef=actor.kl_coef,
             whiten_advantages=actor.whiten_advantages,
             pg_aggregation=actor.aggregation, bf16_autocast=actor.bf16_autocast,
         )
@@ -329,6 +331,8 @@ def actor_update(
             mask = mb["response_mask"].float()
             counts = _reduce(torch.tensor([float(mask.sum()), float(len(mb_rows))], dtype=torch.float64), dist)
             n_tok, n_seq = float(counts[0]), float(counts[1])
+            if settings.permute_advantages:  # the null control (before whitening: the values are kept)
+                mb["advantages"] = core.permute_advantages(mb["advantages"], mask, generator)
             if settings.whiten_advantages:
                 mb["advantages"] = whiten_global(mb["advantages"], mask, dist)
             n_tokens = max(n_tok, 1.0)

@@ -129,6 +129,10 @@ class ActorConfig:
     aggregation: AggregationMode = "token_mean"
     """How the policy-gradient term is normalised (`algos.core.aggregate`); GRPO applies it to its KL
     term too (VinePPO and PPO keep the paper code's per-sequence token sum for the KL)."""
+    permute_advantages: bool = False
+    """The null control: permute the advantages within each mini-batch before the update
+    (`algos.core.permute_advantages`): the same update size without the signal, so a run with it
+    measures drift, and the same run without it minus this one measures learning."""
     bf16_autocast: bool = False
     """Run the policy/reference (and critic) forward passes of the update under bf16 autocast
     (weights, optimiser and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16

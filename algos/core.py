@@ -311,6 +311,36 @@ def dpo_positive_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen
     return -torch.nn.functional.logsigmoid(margin), margin
 
 
+def permute_advantages(advantages: Tensor, mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The null control's advantages: the same values, reassigned at random, so an update of the same
+    size carries no signal ("RL minus null" is the learning, "null minus start" the drift).
+
+    When every row's advantage is constant over its response tokens (outcome advantages: GRPO, RLOO,
+    REINFORCE), whole rows swap values (a random permutation of the sequences); otherwise (per-step or
+    per-token advantages: VinePPO, PPO) the masked tokens' values are permuted across the batch.
+
+    Args:
+        advantages: (B, T) per-token advantages; mask: (B, T) 0/1 response-token mask.
+        generator: the RNG of the permutation.
+    Returns:
+        (B, T) permuted advantages, 0 outside the mask.
+    """
+    keep = mask.bool()
+    out = torch.zeros_like(advantages)
+    rows = keep.any(dim=1)
+    first = advantages.gather(1, keep.float().argmax(dim=1, keepdim=True)).squeeze(1)  # (B,) first response token
+    constant = bool(((advantages - first[:, None]).abs() * keep).max() == 0) if keep.any() else True
+    if constant:
+        live = rows.nonzero().squeeze(1)
+        shuffled = first[live][torch.randperm(live.numel(), generator=generator)]
+        values = torch.zeros_like(first)
+        values[live] = shuffled
+        return torch.where(keep, values[:, None].expand_as(advantages), out)
+    values = advantages[keep]
+    out[keep] = values[torch.randperm(values.numel(), generator=generator)]
+    return out
+
+
 @register_advantage_estimator("step_mc")
 def step_advantages(values: Sequence[float], reward: float) -> list[float]:
     """VinePPO's step advantages ``A_i = r_i + V(s_{i+1}) − V(s_i)`` for the n steps of one

@@ -138,9 +138,32 @@ def collect_episodes(
 GRADING_STATUSES = STATUSES + ("truncated",)
 
 
+def group_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """How much signal a batch of groups carries for an on-policy method: episodes are grouped by
+    problem; ``train/groups_mixed`` is the share of groups with both higher and lower rewards (the
+    only ones a group baseline learns from), ``train/groups_all_correct`` / ``train/groups_all_wrong``
+    the shares of groups whose rewards are all ≥ / all < 0.5, and ``train/pass_rate_std`` the standard
+    deviation across groups of the per-problem pass rate (mean reward). Empty input gives {}."""
+    groups: dict[str, list[float]] = {}
+    for e in episodes:
+        groups.setdefault(e.state.problem.id, []).append(e.reward)
+    if not groups:
+        return {}
+    n = len(groups)
+    rates = [sum(g) / len(g) for g in groups.values()]
+    mean = sum(rates) / n
+    return {
+        "train/groups_mixed": sum(max(g) > min(g) for g in groups.values()) / n,
+        "train/groups_all_correct": sum(min(g) >= 0.5 for g in groups.values()) / n,
+        "train/groups_all_wrong": sum(max(g) < 0.5 for g in groups.values()) / n,
+        "train/pass_rate_std": (sum((r - mean) ** 2 for r in rates) / n) ** 0.5,
+    }
+
+
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     """Metrics every algorithm logs about the episodes it trained on: mean reward, truncated
-    fraction, mean response length (tokens), sampled tokens, and a count per grading status."""
+    fraction, mean response length (tokens), sampled tokens, a count per grading status, and the
+    groups' pass-rate spread (`group_metrics`)."""
     n = max(len(episodes), 1)
     tokens = sum(len(e.response_ids) for e in episodes)
     metrics = {
@@ -151,4 +174,5 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     }
     for status in GRADING_STATUSES:
         metrics[f"grading/{status}"] = float(sum(e.status == status for e in episodes))
+    metrics.update(group_metrics(episodes))
     return metrics

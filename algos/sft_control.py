@@ -29,10 +29,12 @@ class SFTControlConfig:
     """Continued SFT on reference solutions, sized like an RL run: the same problems per iteration
     and the same optimiser settings (learning rate, schedule, mini-batch, epochs)."""
 
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(samples_per_prompt=1))
     """prompts_per_iteration: problems whose reference solutions are trained on per iteration;
-    temperature, top_p and max_new_tokens: the trainer's sampled evaluation (no effect on training);
-    samples_per_prompt is not used (nothing is sampled)."""
+    samples_per_prompt: copies of each reference solution in the iteration's examples, so that with
+    the RL run's G, --minibatch-size, --epochs and --learning-rate the control takes the same number
+    of optimiser steps of the same size and learning rate (the fair control; 1 by default);
+    temperature, top_p and max_new_tokens: the trainer's sampled evaluation (no effect on training)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-5, epochs=1,
                                                                    minibatch_size=32, micro_batch_size=16))
     """AdamW and schedule; each epoch cuts the iteration's reference solutions, shuffled, into
@@ -55,8 +57,9 @@ class SFTControl:
     def __init__(self, config: SFTControlConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
         self.ctx = ctx
+        examples = config.sampling.prompts_per_iteration * config.sampling.samples_per_prompt
         self.optimizer, self.scheduler = config.optim.build(
-            ctx.policy, config.optim.steps_per_iteration(config.sampling.prompts_per_iteration) * total_iterations)
+            ctx.policy, config.optim.steps_per_iteration(examples) * total_iterations)
 
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
@@ -70,11 +73,13 @@ class SFTControl:
         cfg, ctx = self.config, self.ctx
         t0 = time.perf_counter()
         tok = ctx.tokenizer
-        prompts = [ctx.env.initial_state(p).prompt_ids for p in problems]
-        responses = [tok(ctx.task.target(p), add_special_tokens=False).input_ids + [tok.eos_token_id] for p in problems]
+        copies = cfg.sampling.samples_per_prompt  # each reference solution this many times, as G samples
+        prompts = [ctx.env.initial_state(p).prompt_ids for p in problems for _ in range(copies)]
+        responses = [tok(ctx.task.target(p), add_special_tokens=False).input_ids + [tok.eos_token_id]
+                     for p in problems for _ in range(copies)]
         batches = []
         for _ in range(cfg.optim.epochs):  # each epoch: a fresh shuffle cut into mini-batches
-            order = torch.randperm(len(problems), generator=ctx.generator).tolist()
+            order = torch.randperm(len(prompts), generator=ctx.generator).tolist()
             batches += [order[i:i + cfg.optim.minibatch_size] for i in range(0, len(order), cfg.optim.minibatch_size)]
         ctx.policy.train()
         losses, norms = [], []

@@ -8,8 +8,8 @@ Every run uses the same model (the cached warm start for ``--model tiny``, built
 same seeds, the same number of iterations and prompts per iteration (``--prompts-per-iteration`` in
 ``--run-flags`` applies to all), and the same evaluation. Each run is a separate
 `experiments/run.py` process writing to ``<out>/<label>-seed<seed>/`` (its output goes to
-``run.log`` there); a run whose ``summary.json`` exists is skipped, so an interrupted comparison
-picks up where it stopped. Then ``<out>/summary.md`` gets the table — start accuracy, final and best
+``run.log`` there); a run whose ``summary.json`` exists is skipped and an interrupted one continues
+from its last checkpoint (``--resume``), so a comparison may be run in parts. Then ``<out>/summary.md`` gets the table — start accuracy, final and best
 test accuracy (greedy, mean ± standard error), final sampled accuracy, gradient steps, wall-clock,
 KL to the reference at the end, tokens sampled (Monte-Carlo rollouts included) — and PNG plots of
 test accuracy against gradient steps, wall-clock and KL.
@@ -74,9 +74,14 @@ class CompareConfig:
 
 
 def command(spec: RunSpec, task: str, model: str, iterations: int, out: Path) -> list[str]:
-    """The ``experiments/run.py`` command line of one run."""
+    """The ``experiments/run.py`` command line of one run: a fresh start (``--overwrite``), or
+    ``--resume`` when the run directory holds a checkpoint of an interrupted run."""
+    run_dir = out / spec.dirname
+    if (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "config.json").is_file():
+        return [sys.executable, str(ROOT / "experiments" / "run.py"), "--resume", str(run_dir),
+                "--iterations", str(iterations)]
     return [sys.executable, str(ROOT / "experiments" / "run.py"), f"algo:{spec.algo}", "--task", task, "--model", model,
-            "--seed", str(spec.seed), "--iterations", str(iterations), "--out", str(out / spec.dirname),
+            "--seed", str(spec.seed), "--iterations", str(iterations), "--out", str(run_dir),
             "--overwrite", "--wandb", "disabled", *spec.flags]
 
 
@@ -108,7 +113,7 @@ def run_all(specs: list[RunSpec], task: str, model: str, iterations: int, out: P
     def one(spec: RunSpec) -> str:
         run_dir = out / spec.dirname
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "run.log", "w") as log:
+        with open(run_dir / "run.log", "a") as log:
             rc = subprocess.call(command(spec, task, model, iterations, out), stdout=log, stderr=subprocess.STDOUT, env=env)
         return "done" if rc == 0 and (run_dir / "summary.json").is_file() else f"failed (rc {rc}, see {run_dir / 'run.log'})"
 
@@ -122,6 +127,20 @@ def run_all(specs: list[RunSpec], task: str, model: str, iterations: int, out: P
                 bar.advance(task_id)
                 bar.console.print(f"[compare] {spec.dirname}: {status[spec.dirname]}")
     return status
+
+
+def load_rows(run_dir: Path) -> list[dict]:
+    """The metric rows a run has logged so far (finished or not); [] when it has none."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            break
+    return rows
 
 
 def load_run(run_dir: Path) -> dict | None:

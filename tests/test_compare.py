@@ -79,3 +79,39 @@ def test_a_real_comparison_runs_and_summarises(tmp_path, tokenizer, small_model)
     assert "| grpo | 1 |" in text and "| sft | 1 |" in text
     config = json.loads((out / "grpo-seed0" / "config.json").read_text())
     assert config["algo"]["sampling"]["samples_per_prompt"] == 2 and config["run"]["eval_problems"] == 3
+
+
+def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, tokenizer, small_model):
+    model_dir = tmp_path / "model"
+    small_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "cmp"
+    args = ["--algos", "grpo", "--model", str(model_dir), "--iterations", "2", "--out", str(out),
+            "--flags", "grpo: --samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 4 --save-every 1"]
+    run_flags = "--run-flags=--prompts-per-iteration 2 --max-new-tokens 16 --eval-problems 2 --no-eval-sampled"
+    compare.main([*args, run_flags + " --stop-after 1"])  # the run stops after iteration 1 with a checkpoint
+    run_dir = out / "grpo-seed0"
+    assert not (run_dir / "summary.json").is_file() and (run_dir / "checkpoints" / "latest").is_file()
+    assert compare.command(compare.RunSpec("grpo", "grpo", 0), "gsm8k", "tiny", 2, out)[2] == "--resume"
+    compare.main([*args, run_flags])
+    iterations = [r["iteration"] for r in compare.load_rows(run_dir)]
+    assert iterations == [0, 1, 2] and (run_dir / "summary.json").is_file()
+    assert "resuming" in (run_dir / "run.log").read_text()
+
+
+def test_overfit_check_runs_algorithm_and_null_control(tmp_path, tokenizer, small_model):
+    from experiments.bench import overfit
+
+    model_dir = tmp_path / "model"
+    small_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "overfit"
+    results = overfit.main(["--algos", "grpo", "--task", "gsm8k", "--model", str(model_dir), "--problems", "2",
+                            "--samples", "2", "--iterations", "2", "--window", "1", "--null", "--out", str(out),
+                            "--flags=--max-new-tokens 16"])
+    assert set(results) == {"grpo", "grpo-null"} and all(r["iterations"] == 2 for r in results.values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"grpo", "grpo-null"} and (out / "reward_curves.png").is_file()
+    null_config = json.loads((out / "grpo-null-seed0" / "config.json").read_text())
+    assert null_config["algo"]["actor"]["permute_advantages"] is True
+    assert null_config["run"]["train_problems"] == 2

@@ -79,3 +79,20 @@ def test_aggregation_modes_hand_computed():
     assert core.aggregate(loss, mask, "seq_sum_const", constant=5).item() == pytest.approx(10 / (2 * 5))
     with pytest.raises(ValueError):
         core.aggregate(loss, mask, "seq_sum_const")
+
+
+def test_permute_advantages_swaps_whole_rows_for_outcome_advantages():
+    adv = torch.tensor([[1.0, 1.0, 0.0], [-2.0, -2.0, -2.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    out = core.permute_advantages(adv, mask, torch.Generator().manual_seed(0))
+    per_row = [out[i, 0].item() for i in range(3)]
+    assert sorted(per_row) == [-2.0, 1.0, 3.0]                     # the same values, reassigned to rows
+    for i in range(3):                                             # constant within each row, 0 off the mask
+        assert torch.all(out[i][mask[i].bool()] == per_row[i]) and torch.all(out[i][~mask[i].bool()] == 0)
+
+
+def test_permute_advantages_permutes_tokens_for_step_advantages():
+    adv = torch.tensor([[0.5, -0.5, 0.0], [0.25, 0.25, 1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out = core.permute_advantages(adv, mask, torch.Generator().manual_seed(1))
+    assert sorted(out[mask.bool()].tolist()) == sorted(adv[mask.bool()].tolist()) and out[0, 2] == 0

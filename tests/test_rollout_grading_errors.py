@@ -84,3 +84,17 @@ def test_episode_metrics_count_the_error_status():
     episodes = [Episode(r.state, r.reward, r.status, r.text) for r in _results(["error", "correct", "correct"])]
     metrics = episode_metrics(episodes)
     assert "error" in GRADING_STATUSES and metrics["grading/error"] == 1.0 and metrics["grading/correct"] == 2.0
+
+
+def test_group_metrics_by_hand():
+    from conftest import fake_episodes
+
+    from algos.rollout import group_metrics
+
+    episodes = fake_episodes({"a": [1.0, 0.0, 0.0, 1.0], "b": [0.0, 0.0, 0.0, 0.0], "c": [1.0, 1.0, 1.0, 1.0]})
+    m = group_metrics(episodes)
+    assert m["train/groups_mixed"] == pytest.approx(1 / 3)
+    assert m["train/groups_all_correct"] == pytest.approx(1 / 3) and m["train/groups_all_wrong"] == pytest.approx(1 / 3)
+    # pass rates 0.5, 0, 1: population std sqrt(((0)^2 + 0.5^2 + 0.5^2) / 3)
+    assert m["train/pass_rate_std"] == pytest.approx((0.5 / 3) ** 0.5)
+    assert group_metrics([]) == {}

@@ -32,6 +32,10 @@ class RunConfig:
     """Continue the run in this directory from its latest checkpoint up to --iterations (the
     total). Model, optimiser, LR schedule, critic, RNG states, prompt order, metrics file and wandb
     run continue exactly; settings come from its config.json unless given again."""
+    train_problems: int = 0
+    """Train on the first N problems of the train split only (0: all of it); each iteration still
+    draws --prompts-per-iteration of them. A small fixed set is the overfit check
+    (experiments/bench/overfit.py): training reward on it must climb."""
     eval_every: int = 4
     """Evaluate on the test split every this many iterations (and always before and after)."""
     eval_problems: int = 100
@@ -82,7 +86,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
-        for name in ("eval_every", "eval_problems", "save_every", "max_nonfinite_updates", "canary_problems"):
+        for name in ("train_problems", "eval_every", "eval_problems", "save_every", "max_nonfinite_updates",
+                     "canary_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.eval_samples < 1:

@@ -82,6 +82,7 @@ class _Run:
     reference: Any
     tokenizer: Any
     env: LanguageEnv
+    train_problems: Sequence
     eval_env: LanguageEnv
     eval_problems: Sequence
     sampler: Sampler
@@ -159,6 +160,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     context = getattr(policy.config, "max_position_embeddings", None)
     env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
     eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
+    train_problems = env.problems[: run.train_problems or None]
     eval_problems = eval_env.problems[: run.eval_problems or None]
     env.check_prompt_lengths()
     eval_env.check_prompt_lengths(eval_problems)
@@ -176,7 +178,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
     return _Run(run, algo_name, algo_config, out, dist, config_dump, resume, task, policy, reference, tokenizer,
-                env, eval_env, eval_problems, sampler, ctx, algorithm)
+                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm)
 
 
 def _warn_changed_settings(out: Path, algo_name: str, config_dump: dict) -> None:
@@ -282,7 +284,7 @@ def _loop(r: _Run, state: dict[str, Any]) -> None:
             log({"iteration": 0, **state["before"], **totals, "time/elapsed": time.perf_counter() - start})
         for it in tqdm(range(state["iteration"], stop_at), desc=f"{r.algo_name} iterations", unit="it",
                        initial=state["iteration"], total=run.iterations):
-            problems = select_prompts(r.env.problems, r.algo_config.sampling.prompts_per_iteration, run.seed, it)
+            problems = select_prompts(r.train_problems, r.algo_config.sampling.prompts_per_iteration, run.seed, it)
             metrics = combine_ranks(dist, r.algorithm.iteration(dist.shard(problems), it))
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
