@@ -218,7 +218,8 @@ def aggregate_norm(mask: Tensor, mode: AggregationMode, constant: float | None =
 
 
 @register_advantage_estimator("gae")
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
+        lam: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous Control
     Using GAE", eq. 16) over right-padded token sequences.
 
@@ -231,10 +232,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         rewards: (B, T) per-token rewards (0 off the mask).
         values: (B, T) V(s_t), the value of the state before token t.
         mask: (B, T) 0/1, 1 on response tokens; each row's ones must be contiguous.
+        lam: λ, a float or a (B,) tensor of one λ per sequence (VAPO's length-adaptive λ).
     Returns:
         (advantages, returns): (B, T) each, 0 off the mask.
     """
     rewards, values, mask = rewards.float() * mask, values.float() * mask, mask.float()
+    if isinstance(lam, Tensor):
+        lam = lam.float().to(rewards.device).reshape(-1)
     advantages = torch.zeros_like(rewards)
     last = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     for t in range(rewards.shape[1] - 1, -1, -1):
@@ -243,6 +247,42 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         last = (delta + gamma * lam * last) * mask[:, t]
         advantages[:, t] = last
     return advantages, (advantages + values) * mask
+
+
+@register_advantage_estimator("decoupled_gae")
+def decoupled_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
+                  lam_actor: float | Tensor = 0.95, lam_critic: float = 1.0) -> tuple[Tensor, Tensor]:
+    """GAE with one λ for the policy's advantages and another for the critic's targets (VC-PPO,
+    Yuan et al. 2025, arXiv 2503.01491 §4.2; VAPO, Yue et al. 2025, arXiv 2504.05118 §3.2): the
+    critic learns unbiased Monte-Carlo-like targets with λ_critic = 1 while the policy gets the
+    lower-variance λ_actor advantages.
+
+    ``advantages = GAE(λ_actor).A``, ``returns = GAE(λ_critic).A + V``. With λ_actor = λ_critic it is
+    `gae`.
+
+    Args:
+        rewards, values, mask: as `gae`, (B, T).
+        lam_actor: a float, or (B,) per-sequence values (`length_adaptive_lambda`).
+        lam_critic: λ of the value targets.
+    Returns:
+        (advantages, returns): (B, T) each, 0 off the mask.
+    """
+    advantages, _ = gae(rewards, values, mask, gamma, lam_actor)
+    _, returns = gae(rewards, values, mask, gamma, lam_critic)
+    return advantages, returns
+
+
+def length_adaptive_lambda(lengths: Tensor, alpha: float = 0.05) -> Tensor:
+    """VAPO's length-adaptive λ_actor = 1 − 1 / (α · l) per sequence of l response tokens (Yue et al.
+    2025, arXiv 2504.05118, eq. 8; α = 0.05), clamped to [0, 1] (sequences shorter than 1/α get 0).
+
+    Args:
+        lengths: (B,) response lengths in tokens.
+    Returns:
+        (B,) float λ values.
+    """
+    lengths = lengths.float().clamp(min=1.0)
+    return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0)
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float) -> Tensor:

@@ -11,7 +11,8 @@ set up as in McGill-NLP/VinePPO ``trainers/ppo_trainer.py`` and the ``polIter_*_
   position t − 1 of the full sequence; the value after the last token is 0.
 - **Reward.** Per token, 0 except the last response token, which gets the outcome R ∈ {0, 1}. The
   KL to the reference is a k3 term in the actor's loss (β = 1e-4), not in the reward.
-- **GAE** (`algos.core.gae`), with the configs' γ = λ = 1 (the base trainer file's λ = 0.96 is
+- **GAE** (`algos.core.gae`; `algos.core.decoupled_gae` with ``lam_critic`` / ``lam_adaptive_alpha``,
+  VC-PPO's and VAPO's decoupled and length-adaptive λ), with the configs' γ = λ = 1 (the base trainer file's λ = 0.96 is
   overridden by ``lam1.jsonnet``)::
 
       δ_t = r_t + γ V(s_{t+1}) − V(s_t),   A_t = Σ_l (γλ)^l δ_{t+l},   G_t = A_t + V(s_t)
@@ -95,7 +96,14 @@ class PPOConfig:
     gamma: float = 1.0
     """GAE discount γ."""
     lam: float = 1.0
-    """GAE λ (the paper's PPO configs set 1; the base trainer file says 0.96)."""
+    """GAE λ of the policy's advantages (the paper's PPO configs set 1; the base trainer file says
+    0.96); also of the critic's targets unless lam_critic is set."""
+    lam_critic: float | None = None
+    """Decoupled GAE (VC-PPO, arXiv 2503.01491): λ of the critic's value targets (VC-PPO: 1.0) while
+    ``lam`` drives the advantages (VC-PPO: 0.95); None: coupled, as PPO."""
+    lam_adaptive_alpha: float | None = None
+    """VAPO's length-adaptive λ of the advantages, 1 − 1/(α·l) per response of l tokens (arXiv
+    2504.05118; α = 0.05), replacing ``lam``; None: off."""
 
     def __post_init__(self) -> None:
         """Raises TypeError / ValueError naming ``PPOConfig.<field>`` (see `algos.training.checks`)."""
@@ -104,6 +112,10 @@ class PPOConfig:
         check_positive(self, ("critic_learning_rate", "value_clip"))
         check_fraction(self, "gamma", high_open=False)
         check_fraction(self, "lam", high_open=False)
+        if self.lam_critic is not None:
+            check_fraction(self, "lam_critic", high_open=False)
+        if self.lam_adaptive_alpha is not None:
+            check_positive(self, ("lam_adaptive_alpha",))
 
     @classmethod
     def cpu_tiny(cls) -> PPOConfig:
@@ -442,7 +454,10 @@ class PPO:
         old_values = compute_values(self.critic, batch, cfg.optim.micro_batch_size, cfg.actor.bf16_autocast)
         t2 = time.perf_counter()
         rewards = terminal_rewards(batch, [e.reward for e in episodes])
-        advantages, returns = core.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        lam_actor = cfg.lam if cfg.lam_adaptive_alpha is None else \
+            core.length_adaptive_lambda(batch["response_mask"].sum(dim=1), cfg.lam_adaptive_alpha)
+        lam_critic = cfg.lam if cfg.lam_critic is None else cfg.lam_critic
+        advantages, returns = core.decoupled_gae(rewards, old_values, mask, cfg.gamma, lam_actor, lam_critic)
         per_episode = [advantages[i][batch["response_mask"][i]].tolist() for i in range(len(episodes))]
         t3 = time.perf_counter()
         # the critic replays the actor's shuffle, so both train on the same mini-batches

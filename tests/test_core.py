@@ -96,3 +96,34 @@ def test_permute_advantages_permutes_tokens_for_step_advantages():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     out = core.permute_advantages(adv, mask, torch.Generator().manual_seed(1))
     assert sorted(out[mask.bool()].tolist()) == sorted(adv[mask.bool()].tolist()) and out[0, 2] == 0
+
+
+def test_decoupled_gae_by_hand_on_four_tokens():
+    # δ = r_t + V_{t+1} − V_t with V = (0.5, 0.2, 0.9, 0.4), terminal reward 1: (−0.3, 0.7, −0.5, 0.6)
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.9, 0.4, 9.0]])     # the last position is padding
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    adv, ret = core.decoupled_gae(rewards, values, mask, gamma=1.0, lam_actor=0.5, lam_critic=1.0)
+    # λ_actor = 0.5: A3 = 0.6, A2 = −0.5 + 0.3, A1 = 0.7 − 0.1, A0 = −0.3 + 0.3
+    assert adv[0].tolist() == pytest.approx([0.0, 0.6, -0.2, 0.6, 0.0], abs=1e-6)
+    assert ret[0].tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.0], abs=1e-6)  # λ_critic = 1: G_t = R
+
+
+def test_decoupled_gae_with_equal_lambdas_is_gae():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.rand(3, 6, generator=g), torch.rand(3, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    for lam in (0.0, 0.95, 1.0):
+        a1, r1 = core.gae(rewards, values, mask, 0.99, lam)
+        a2, r2 = core.decoupled_gae(rewards, values, mask, 0.99, lam, lam)
+        assert torch.allclose(a1, a2) and torch.allclose(r1, r2)
+    # a per-sequence λ equals running each row with its own λ
+    lams = torch.tensor([0.0, 0.5, 1.0])
+    a, _ = core.gae(rewards, values, mask, 1.0, lams)
+    for i, lam in enumerate(lams.tolist()):
+        assert torch.allclose(a[i], core.gae(rewards[i:i + 1], values[i:i + 1], mask[i:i + 1], 1.0, lam)[0][0])
+
+
+def test_length_adaptive_lambda_follows_vapo():
+    lam = core.length_adaptive_lambda(torch.tensor([4, 20, 100, 1000]), alpha=0.05)
+    assert lam.tolist() == pytest.approx([0.0, 0.0, 0.8, 0.98])

@@ -299,3 +299,14 @@ def test_config_defaults_and_validation():
                          ("kl_coef", -1.0), ("micro_batch_size", 0)]:
         with pytest.raises(ValueError, match=field):
             with_fields(PPOConfig(), **{field: value})
+
+
+def test_decoupled_and_length_adaptive_lambda_in_an_iteration(ctx):
+    # VC-PPO's λ_critic = 1 keeps the targets at the outcome whatever λ_actor is: G_t = R on every token
+    cfg = with_fields(PPOConfig(), prompts_per_iteration=2, samples_per_prompt=2, max_new_tokens=64, minibatch_size=4,
+                      micro_batch_size=4, lam=0.95, lam_critic=1.0, lam_adaptive_alpha=0.05)
+    algo = PPO(cfg, ctx, total_iterations=1)
+    metrics = algo.iteration(ctx.env.problems, 0)
+    assert 0.0 <= metrics["train/return_mean"] <= 1.0 and math.isfinite(metrics["train/advantage_mean"])
+    with pytest.raises(ValueError, match=r"PPOConfig\.lam_critic: expected a value in \[0, 1\], got 1\.5"):
+        with_fields(PPOConfig(), lam_critic=1.5)
