@@ -37,6 +37,11 @@ ALGO_FLAGS = {
     "reinforce": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
 }
 
+#: Run-level plug-ins resumed exactly too: (algorithm, flags) per case.
+CASES = {**{name: (name, flags) for name, flags in ALGO_FLAGS.items()},
+         "grpo+learnability": ("grpo", ALGO_FLAGS["grpo"] + " --prompt-sampler learnability "
+                                       "--learnability-pool-factor 2 --learnability-attempts 2")}
+
 # Runs a CLI command in a fresh interpreter with the test-only `guess` task registered.
 LAUNCH = (
     "import sys; sys.path[:0] = [{repo!r}, {tests!r}];"
@@ -73,10 +78,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not different, different
 
 
-@pytest.mark.parametrize("algo", list(ALGO_FLAGS))
-def test_resume_in_a_new_process_is_exact(algo, tmp_path, guess_model_dir):
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_in_a_new_process_is_exact(case, tmp_path, guess_model_dir):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    flags = ALGO_FLAGS[algo].split()
+    algo, flags = CASES[case][0], CASES[case][1].split()
     main([f"algo:{algo}", *common(guess_model_dir, straight, 4), *flags])
 
     main([f"algo:{algo}", *common(guess_model_dir, split, 4), *flags, "--stop-after", "2"])
@@ -97,6 +102,8 @@ def test_resume_in_a_new_process_is_exact(algo, tmp_path, guess_model_dir):
         assert all(torch.equal(ca[k], cb[k]) for k in ca)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, split))
     assert sa["accuracy_after"] == sb["accuracy_after"] and sa["total/tokens"] == sb["total/tokens"]
+    if "learnability" in case:
+        assert all(r["prompts/pool_mixed"] >= 0 and r["tokens/prompt_selection"] > 0 for r in a[1:])
 
 
 def test_same_seed_same_metrics_different_seed_differs(tmp_path, guess_model_dir):

@@ -36,6 +36,14 @@ class RunConfig:
     """Train on the first N problems of the train split only (0: all of it); each iteration still
     draws --prompts-per-iteration of them. A small fixed set is the overfit check
     (experiments/bench/overfit.py): training reward on it must climb."""
+    prompt_sampler: Literal["uniform", "learnability"] = "uniform"
+    """Which problems each iteration trains on (`algos.training.prompts`): ``uniform`` reshuffles the
+    train split; ``learnability`` scores a candidate pool with the current policy and keeps the
+    problems with the largest p̂(1 − p̂) (Foster et al. 2025, arXiv 2502.12272)."""
+    learnability_pool_factor: int = 4
+    """Learnability sampling: candidates per chosen problem (paper: 4)."""
+    learnability_attempts: int = 8
+    """Learnability sampling: rollouts per candidate to estimate its success rate p̂ (paper: 8)."""
     eval_every: int = 4
     """Evaluate on the test split every this many iterations (and always before and after)."""
     eval_problems: int = 100
@@ -90,6 +98,11 @@ class RunConfig:
                      "canary_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.learnability_pool_factor < 1:
+            raise ValueError(f"learnability_pool_factor: expected >= 1, got {self.learnability_pool_factor}")
+        if self.learnability_attempts < 2:
+            raise ValueError(f"learnability_attempts: expected >= 2 (one attempt gives p̂ of 0 or 1), got "
+                             f"{self.learnability_attempts}")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples: expected >= 1, got {self.eval_samples}")
         if self.stop_after is not None and self.stop_after < 1:

@@ -64,10 +64,3 @@ class Algorithm(Protocol):
     name: str
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]: ...
-
-
-def select_prompts(problems: Sequence, count: int, seed: int, iteration: int) -> list:
-    """``count`` distinct problems for an iteration: the train split reshuffled with (seed, iteration),
-    first ``count`` taken (VinePPO's dataset_sample_with_replacement)."""
-    order = np.random.default_rng([seed, iteration]).permutation(len(problems))
-    return [problems[i] for i in order[: min(count, len(problems))]]

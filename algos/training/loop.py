@@ -5,7 +5,7 @@
 
 1. `_build`: the run directory, the policy / reference / tokenizer (`algos.models`), the train and
    test environments, the grading canary, the sampler, the algorithm (the contract is
-   `algos.training.context`);
+   `algos.training.context`) and the prompt sampler (`algos.training.prompts`);
 2. `_restore`: a fresh run's state, or everything a checkpoint holds (`--resume`);
 3. `_loop`: the iterations, with evaluations, metrics, checkpoints, signals and the non-finite guard;
 4. `_finish`: the final model, ``summary.json`` and what the run prints last.
@@ -44,10 +44,11 @@ from algos.training.checkpoint import (
     state_fingerprint,
 )
 from algos.training.config import RunConfig
-from algos.training.context import Algorithm, TrainContext, select_prompts
+from algos.training.context import Algorithm, TrainContext
 from algos.training.distributed import Dist
 from algos.training.distributed import current as current_dist
 from algos.training.evaluation import accuracy_metrics, evaluate, kl_to_reference
+from algos.training.prompts import PromptSampler, make_prompt_sampler
 from algos.training.run_control import (
     RESUMABLE_CHANGES,
     NonFiniteUpdatesError,
@@ -88,6 +89,7 @@ class _Run:
     sampler: Sampler
     ctx: TrainContext
     algorithm: Algorithm
+    prompts: PromptSampler
     wandb_run: Any = None
     start: float = 0.0
     """`time.perf_counter()` at the (virtual) start of the run: a resumed run counts its earlier time."""
@@ -177,8 +179,10 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist)
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
+    prompts = make_prompt_sampler(run.prompt_sampler, ctx, algo_config.sampling, run.learnability_pool_factor,
+                                  run.learnability_attempts)
     return _Run(run, algo_name, algo_config, out, dist, config_dump, resume, task, policy, reference, tokenizer,
-                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm)
+                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm, prompts)
 
 
 def _warn_changed_settings(out: Path, algo_name: str, config_dump: dict) -> None:
@@ -284,8 +288,8 @@ def _loop(r: _Run, state: dict[str, Any]) -> None:
             log({"iteration": 0, **state["before"], **totals, "time/elapsed": time.perf_counter() - start})
         for it in tqdm(range(state["iteration"], stop_at), desc=f"{r.algo_name} iterations", unit="it",
                        initial=state["iteration"], total=run.iterations):
-            problems = select_prompts(r.train_problems, r.algo_config.sampling.prompts_per_iteration, run.seed, it)
-            metrics = combine_ranks(dist, r.algorithm.iteration(dist.shard(problems), it))
+            problems, prompt_metrics = r.prompts.select(r.train_problems, r.algo_config.sampling.prompts_per_iteration, it)
+            metrics = combine_ranks(dist, {**r.algorithm.iteration(dist.shard(problems), it), **prompt_metrics})
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
             done = it + 1
