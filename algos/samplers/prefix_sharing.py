@@ -48,8 +48,8 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from algos.samplers.base import (
     Completion,
