@@ -5,7 +5,10 @@ conventions of `HFSampler` (see `algos.samplers.base`: log-prob ``log_softmax(lo
 chosen token without top-p renormalisation, plain ``log_softmax`` for greedy; finish reasons
 ``"stop"`` / ``"length"``; stop strings searched in the generated text only, text cut before them;
 the context cap; the same errors), but runs its own decode loop on the model's forward pass with a
-`transformers.DynamicCache` instead of `generate`:
+`transformers.DynamicCache` instead of `generate`. The cache goes in through the forward keyword the
+model declares (`cache_keyword`: ``cache`` since transformers 5.24, where ``past_key_values`` is a
+deprecated alias due to be removed in 5.40; ``past_key_values`` before) and is updated in place, so
+the sampler keeps its own reference and never reads it back from the model's output:
 
 1. **One prefill per distinct prompt.** VinePPO asks for K continuations of every step-boundary
    prefix (McGill-NLP/VinePPO, episode_generators/math_episode_generator_with_mc_advantages.py);
@@ -46,6 +49,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from algos.samplers.base import (
     Completion,
@@ -56,7 +60,24 @@ from algos.samplers.base import (
     prompt_caps,
 )
 
-__all__ = ["PrefixSharingSampler", "SamplerStats", "stop_candidate_mask"]
+__all__ = ["PrefixSharingSampler", "SamplerStats", "cache_keyword", "stop_candidate_mask"]
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model.forward`` takes a KV cache: ``"cache"`` or ``"past_key_values"``.
+
+    transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache`` (and the output
+    field likewise); the old name still works there but warns (``FutureWarning``: removed in 5.40).
+    The name the forward's signature declares wins (`inspect.signature` follows the deprecation
+    decorator to the wrapped function), so a model class not yet renamed keeps working; a forward
+    that declares neither (``**kwargs`` only, e.g. a wrapper) gets the name of the installed
+    transformers, read from `CausalLMOutputWithPast`'s fields.
+    """
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params and params[name].kind is not inspect.Parameter.VAR_KEYWORD:
+            return name
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 @dataclass
@@ -225,7 +246,8 @@ class PrefixSharingSampler:
 
     Args:
         model: a causal LM (`PreTrainedModel`) whose forward takes ``attention_mask``,
-            ``position_ids``, ``past_key_values`` and ``use_cache``. Shared, not copied: the sampler
+            ``position_ids``, ``use_cache`` and a cache as ``cache`` (transformers >= 5.24) or
+            ``past_key_values`` (see `cache_keyword`). Shared, not copied: the sampler
             always uses its current weights; its train/eval mode is restored after each call.
         tokenizer: its tokenizer; must have an EOS token. PAD falls back to EOS.
         max_batch_size: most sequences (rows = prompt x sample) decoded together.
@@ -263,6 +285,7 @@ class PrefixSharingSampler:
         self.stats = SamplerStats()
         self._stop_masks: dict[tuple[tuple[str, ...], int, str], torch.Tensor] = {}
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_kw = cache_keyword(model)
 
     def update_weights(self, model) -> None:
         """Copy ``model``'s weights into the sampler's model (no-op when it is the same object)."""
@@ -363,13 +386,13 @@ class PrefixSharingSampler:
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self.model.config)
         kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         use_cache=True, **kwargs)
+        kwargs[self._cache_kw] = cache  # filled in place
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **kwargs)
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += ids.numel()
         logits = out.logits[:, -1, :].float()
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-        return out.past_key_values, logits, mask, lengths
+        return cache, logits, mask, lengths
 
     def _run_bucket(self, prompts, rows_of, caps, params: SamplingParams, generator, results) -> None:
         """Prefill a bucket's prompts once, then decode their rows in chunks of ``max_batch_size``."""
@@ -424,6 +447,7 @@ class PrefixSharingSampler:
         position = prompt_lengths.clone()
         row_caps = caps.clone()
         fwd_kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}
+        fwd_kwargs[self._cache_kw] = cache  # the same object every step: rows are dropped from it in place
 
         for t in range(max_steps):
             # ---- choose the next token of every live row (batched)
@@ -466,10 +490,9 @@ class PrefixSharingSampler:
             # ---- one forward step for the live rows
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
-                             past_key_values=cache, use_cache=True, **fwd_kwargs)
+                             use_cache=True, **fwd_kwargs)
             self.stats.decode_calls += 1
             self.stats.decode_rows += tok.shape[0]
-            cache = out.past_key_values
             logits = out.logits[:, -1, :].float()
             position = position + 1
 
