@@ -78,8 +78,10 @@ def command(spec: RunSpec, task: str, model: str, iterations: int, out: Path) ->
     ``--resume`` when the run directory holds a checkpoint of an interrupted run."""
     run_dir = out / spec.dirname
     if (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "config.json").is_file():
+        # the run's own total: a spec may set its own --iterations (e.g. RestEM's rounds), later flags win
+        own = [spec.flags[i + 1] for i, f in enumerate(spec.flags[:-1]) if f == "--iterations"]
         return [sys.executable, str(ROOT / "experiments" / "run.py"), "--resume", str(run_dir),
-                "--iterations", str(iterations)]
+                "--iterations", own[-1] if own else str(iterations)]
     return [sys.executable, str(ROOT / "experiments" / "run.py"), f"algo:{spec.algo}", "--task", task, "--model", model,
             "--seed", str(spec.seed), "--iterations", str(iterations), "--out", str(run_dir),
             "--overwrite", "--wandb", "disabled", *spec.flags]

@@ -115,3 +115,47 @@ def test_overfit_check_runs_algorithm_and_null_control(tmp_path, tokenizer, smal
     null_config = json.loads((out / "grpo-null-seed0" / "config.json").read_text())
     assert null_config["algo"]["actor"]["permute_advantages"] is True
     assert null_config["run"]["train_problems"] == 2
+
+
+def _fake_sampled_run(run_dir: Path, start: float, final: float, stderr: float = 0.01) -> None:
+    run_dir.mkdir(parents=True)
+    rows = [{"iteration": 0, "eval/accuracy": 0.3, "eval/accuracy_sampled": start, "eval/accuracy_sampled_stderr": stderr,
+             "eval/kl": 0.0},
+            {"iteration": 10, "eval/accuracy": 0.3, "eval/accuracy_sampled": final,
+             "eval/accuracy_sampled_stderr": stderr, "eval/kl": 0.01}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "summary.json").write_text(json.dumps({"wall_time_s": 1.0, "total/optimizer_steps": 20,
+                                                      "total/tokens": 10}))
+
+
+def test_learning_benchmark_gains_by_hand(tmp_path):
+    from experiments.bench import learning
+
+    for seed, (s, f) in enumerate([(0.30, 0.36), (0.30, 0.34), (0.31, 0.38)]):
+        _fake_sampled_run(tmp_path / f"grpo-seed{seed}", s, f)
+    _fake_sampled_run(tmp_path / "null-seed0", 0.30, 0.29, stderr=0.012)
+    specs = [compare.RunSpec("grpo", "grpo", s) for s in range(3)] + [compare.RunSpec("null", "grpo", 0),
+                                                                        compare.RunSpec("ppo", "ppo", 0)]
+    table = learning.gains(specs, tmp_path)
+    g = table["grpo"]
+    assert g["seeds"] == 3 and g["start"] == pytest.approx(0.91 / 3) and g["final"] == pytest.approx(1.08 / 3)
+    assert g["gain_mean"] == pytest.approx(0.17 / 3)
+    deltas = [0.06, 0.04, 0.07]
+    mean = sum(deltas) / 3
+    assert g["gain_se"] == pytest.approx((sum((d - mean) ** 2 for d in deltas) / 2 / 3) ** 0.5)
+    assert table["null"]["gain_mean"] == pytest.approx(-0.01) and table["null"]["gain_se"] == 0.012
+    assert "ppo" not in table  # nothing finished
+
+
+def test_learning_benchmark_specs_pair_every_run_with_its_controls():
+    from experiments.bench import learning
+
+    runs = learning.specs(learning.LearningBench(seeds=[0, 1]))
+    labels = [s.dirname for s in runs]
+    assert labels.count("grpo-seed1") == 1 and "null-seed0" in labels and "null-seed1" not in labels
+    null = next(s for s in runs if s.label == "null")
+    assert null.algo == "grpo" and "--permute-advantages" in null.flags
+    sft = next(s for s in runs if s.label == "sft")
+    grpo = next(s for s in runs if s.label == "grpo")
+    for flag in ("--learning-rate", "--minibatch-size", "--epochs", "--samples-per-prompt", "--warmup-ratio"):
+        assert sft.flags[sft.flags.index(flag) + 1] == grpo.flags[grpo.flags.index(flag) + 1], flag

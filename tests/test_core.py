@@ -127,3 +127,28 @@ def test_decoupled_gae_with_equal_lambdas_is_gae():
 def test_length_adaptive_lambda_follows_vapo():
     lam = core.length_adaptive_lambda(torch.tensor([4, 20, 100, 1000]), alpha=0.05)
     assert lam.tolist() == pytest.approx([0.0, 0.0, 0.8, 0.98])
+
+
+def test_pass_at_k_unbiased_estimator_by_hand():
+    from algos.training.evaluation import pass_at_k
+
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 4) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)       # 1 − C(3,2)/C(4,2)
+    assert pass_at_k(8, 2, 4) == pytest.approx(1 - 15 / 70)     # 1 − C(6,4)/C(8,4)
+    with pytest.raises(ValueError, match="need 1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_sampled_metrics_pass_at_k_and_by_operation_count():
+    from conftest import fake_episodes
+
+    from algos.training.evaluation import sampled_metrics
+    from langenv.tasks.base import Problem
+
+    episodes = fake_episodes({"a": [1.0, 0.0, 0.0, 0.0], "b": [0.0, 0.0, 0.0, 0.0]})
+    problems = [Problem("a", "q", "s", "1", meta=(("num_ops", "2"),)), Problem("b", "q", "s", "1", meta=(("num_ops", "3"),))]
+    m = sampled_metrics(episodes, problems, 4)
+    assert m["eval/accuracy_sampled"] == pytest.approx(0.125)
+    assert m["eval/pass@2"] == pytest.approx((0.5 + 0.0) / 2) and m["eval/pass@4"] == pytest.approx(0.5)
+    assert m["eval/accuracy_sampled/num_ops=2"] == 0.25 and m["eval/accuracy_sampled/num_ops=3"] == 0.0

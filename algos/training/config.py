@@ -58,6 +58,10 @@ class RunConfig:
     """Also evaluate one sample per test problem at the algorithm's training temperature and top_p,
     logging eval/accuracy_sampled and eval/kl: KL(π‖π_ref) per response token, the k3 estimate on
     those samples under the tempered policies (what the training KL penalties regularise)."""
+    eval_sampled_samples: int = 1
+    """Samples per test problem in the sampled evaluation (at the training temperature): pass@1 is
+    their mean correct fraction (eval/accuracy_sampled); with n > 1 also eval/pass@k for k = 2, 4, ...
+    <= n (the unbiased estimator), and pass@1 by number of operations / level where problems say."""
     save_every: int = 4
     """Write a resumable checkpoint (checkpoints/iter-N/) every this many iterations; one is also
     written at the end and on SIGTERM/SIGINT (0: only those)."""
@@ -103,6 +107,8 @@ class RunConfig:
         if self.learnability_attempts < 2:
             raise ValueError(f"learnability_attempts: expected >= 2 (one attempt gives p̂ of 0 or 1), got "
                              f"{self.learnability_attempts}")
+        if self.eval_sampled_samples < 1:
+            raise ValueError(f"eval_sampled_samples: expected >= 1, got {self.eval_sampled_samples}")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples: expected >= 1, got {self.eval_samples}")
         if self.stop_after is not None and self.stop_after < 1:

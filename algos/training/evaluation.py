@@ -24,6 +24,43 @@ def accuracy_metrics(episodes: Sequence, problems: int, samples: int, prefix: st
     return {prefix: mean, f"{prefix}_stderr": math.sqrt(var / n)}
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: ``1 − C(n−c, k) / C(n, k)``
+    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", arXiv 2107.03374, eq. 1).
+
+    Raises:
+        ValueError: ``k`` outside [1, n] or ``c`` outside [0, n].
+    """
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sampled_metrics(episodes: Sequence, problems: Sequence, samples: int,
+                    prefix: str = "eval/accuracy_sampled") -> dict[str, float]:
+    """Metrics of ``samples`` sampled responses per problem (consecutive episodes per problem):
+    pass@1 (the mean correct fraction, ``prefix``) with its standard error across problems,
+    ``eval/pass@k`` for k = 2, 4, 8, ... up to ``samples`` (`pass_at_k`), and, when problems carry a
+    ``num_ops`` (or ``level``) meta field, pass@1 per value of it (``prefix/<field>=<value>``)."""
+    out = accuracy_metrics(episodes, len(problems), samples, prefix)
+    correct = [sum(e.reward >= 0.5 for e in episodes[i * samples:(i + 1) * samples]) for i in range(len(problems))]
+    k = 2
+    while k <= samples:
+        out[f"eval/pass@{k}"] = sum(pass_at_k(samples, c, k) for c in correct) / len(problems)
+        k *= 2
+    for field in ("num_ops", "level"):
+        groups: dict[str, list[float]] = {}
+        for i, p in enumerate(problems):
+            value = dict(p.meta).get(field)
+            if value is not None:
+                groups.setdefault(value, []).append(correct[i] / samples)
+        for value, rates in sorted(groups.items()):
+            out[f"{prefix}/{field}={value}"] = sum(rates) / len(rates)
+    return out
+
+
 def evaluate(env: LanguageEnv, sampler: Sampler, problems: Sequence, samples: int, temperature: float,
              top_p: float, max_new_tokens: int, seed: int) -> dict[str, float]:
     """Mean correct fraction over ``samples`` responses to each problem, with its standard error."""

@@ -47,7 +47,7 @@ from algos.training.config import RunConfig
 from algos.training.context import Algorithm, TrainContext
 from algos.training.distributed import Dist
 from algos.training.distributed import current as current_dist
-from algos.training.evaluation import accuracy_metrics, evaluate, kl_to_reference
+from algos.training.evaluation import evaluate, kl_to_reference, sampled_metrics
 from algos.training.prompts import PromptSampler, make_prompt_sampler
 from algos.training.run_control import (
     RESUMABLE_CHANGES,
@@ -239,10 +239,11 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     res = evaluate(r.eval_env, r.sampler, r.eval_problems, run.eval_samples, run.eval_temperature, run.eval_top_p,
                    cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
     if run.eval_sampled:
-        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, 1)
+        n = run.eval_sampled_samples
+        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, n)
         episodes = collect_episodes(r.eval_env, r.sampler, r.eval_problems, params,
                                     seed=r.ctx.seed_for(iteration, "eval-sampled"))
-        res.update(accuracy_metrics(episodes, len(r.eval_problems), 1, "eval/accuracy_sampled"))
+        res.update(sampled_metrics(episodes, r.eval_problems, n))
         res["eval/kl"] = kl_to_reference(r.policy, r.reference, episodes, cfg.temperature, r.ctx.pad_token_id)
     res["time/eval"] = time.perf_counter() - t
     return res

@@ -1,29 +1,39 @@
-"""Learning benchmark: every algorithm on the arithmetic task from the same SFT checkpoint, for the
-same budget, against a control that spends that budget on more SFT.
+"""Learning benchmark: does each algorithm improve its supervised start, beyond drift and beyond more SFT?
 
-    python experiments/bench/learning.py                      # the full benchmark (~50 min on 2 CPU cores)
-    python experiments/bench/learning.py --quick              # 2 iterations, 100 test problems: a smoke run
-    python experiments/bench/learning.py --only vineppo grpo  # a subset (finished runs are skipped)
+    python experiments/bench/learning.py                          # everything (hours on 2 CPU cores; resumable)
+    python experiments/bench/learning.py --only grpo null --seeds 0   # a part; finished runs are skipped
+    python experiments/bench/learning.py --quick                  # 2 iterations, 100 test problems: a smoke run
+    python experiments/bench/learning.py --summarize-only         # rebuild the tables from what has finished
 
-Budget: every run does ``--iterations`` iterations of ``PROMPTS`` train problems (the trainer's prompt
-selection, so every algorithm sees the same problems for a seed) from the cached arithmetic warm start
-(`algos.models.warm_start.tiny_setup("arithmetic")`). The PPO family samples ``G`` responses per problem; VinePPO
-adds K Monte-Carlo rollouts per step boundary; DPO+ samples its pairs from the SFT model; RestEM
-samples ``G`` per problem and fine-tunes the base model on the correct ones; the SFT control takes
-``SFT_STEPS`` optimiser steps per iteration on the reference solutions of the same problems. Wall
-time and sampled tokens show what each spent.
+Design (issue 11 §2). Every run starts from the cached arithmetic warm start
+(`algos.models.warm_start.tiny_setup("arithmetic")`, greedy ≈ 33% on the test split) and does
+``--iterations`` iterations of ``PROMPTS`` problems x ``G`` samples, mini-batches of ``MINIBATCH``
+episodes, 10% warm-up then linear decay. Batches of this size are what published tiny-model GRPO runs
+that did raise pass@1 used (Park et al. 2025, arXiv 2505.22756: 64 x 32, lr 3e-5, 4 epochs, clip 0.05,
+KL 1e-3); the old benchmark's 8 x 8 could not detect a gain (one sample per test problem has a
+standard error of about 1.4 points).
 
-Evaluation: the first ``--eval-problems`` (default 1,000) problems of the generated test split,
-greedy and one sample at the training temperature (T 0.6, top-p 0.9), before training and at the end
-(``--eval-every`` adds intermediate points), with standard errors. Seeds: ``--seeds`` for VinePPO,
-PPO and GRPO (default 3), the first seed only for the others. Runs go through `experiments/compare.py`
-(``--jobs`` at once, one CPU thread each) into ``--out``; ``summary.md`` there holds the table.
+Runs (labels): ``vineppo``, ``ppo``, ``grpo`` (``--seeds``, default 3), ``rloo``, ``dpo-plus``,
+``restem`` (the first seed), ``sft`` (the fair SFT control: the same optimiser, learning rate,
+mini-batch, epochs and number of steps as GRPO, on G copies of each reference solution) and ``null``
+(GRPO's settings with ``--permute-advantages``: the same update size without the signal). "RL minus
+null" is learning, "null minus start" drift.
 
-Hyperparameters tried while setting this up are recorded in ``TRIED`` below, next to the settings used.
+Primary metric: pass@1 at the training temperature (T 0.6, top-p 0.9) with ``EVAL_SAMPLES`` samples on
+the first ``--eval-problems`` (1,000) test problems, the same problems for every run (paired);
+also greedy accuracy, pass@8, pass@1 by number of operations, the training reward, the share of mixed
+groups and the KL to the reference, every ``--eval-every`` iterations. Results go to
+``experiments/bench/results/learning-arithmetic/``: per-run folders (metrics.jsonl, summary.json),
+``summary.md`` (compare.py's table), ``summary.json`` (per label: seeds, start and final sampled pass@1,
+the gain's mean and standard error across seeds) and ``pass1_vs_{steps,wallclock,kl}.png``.
+
+Settings tried while setting this up are in ``TRIED``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,72 +42,79 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from experiments import compare  # noqa: E402
 
-PROMPTS = 8  # train problems per iteration
-G = 8  # samples per problem (group size) for the on-policy methods
+PROMPTS = 32  # train problems per iteration
+G = 8  # samples per problem
+MINIBATCH = 128  # episodes per optimiser step: 2 steps per epoch
 MAX_NEW = 96  # response budget in tokens (characters): the longest gold solution is ~60
-SFT_STEPS = 4  # optimiser steps per iteration of the SFT control
+EVAL_SAMPLES = 4  # sampled responses per test problem (pass@1 from 4, pass@4)
+LR = "2e-5"  # the sweep's pick so far (see TRIED)
 
-#: Flags of each algorithm for this benchmark (on top of the common ones). The learning rates sit in
-#: the range the papers use relative to their SFT learning rate; see TRIED.
+_PPO_FAMILY = f"--samples-per-prompt {G} --minibatch-size {MINIBATCH} --micro-batch-size 32 --learning-rate {LR} " \
+              "--warmup-ratio 0.1"
+
+#: Flags of each run (on top of the common ones).
 SETTINGS: dict[str, str] = {
-    "vineppo": f"--samples-per-prompt {G} --mc-rollouts 4 --minibatch-size 16 --micro-batch-size 16 --learning-rate 2e-5",
-    "ppo": f"--samples-per-prompt {G} --minibatch-size 16 --micro-batch-size 16 --learning-rate 2e-5 "
-           "--critic-learning-rate 1e-4",
-    "grpo": f"--samples-per-prompt {G} --epochs 2 --minibatch-size 16 --micro-batch-size 16 --learning-rate 2e-5 "
-            "--kl-coef 0.04",
-    "rloo": f"--samples-per-prompt {G} --epochs 2 --minibatch-size 16 --micro-batch-size 16 --learning-rate 2e-5",
-    "dpo-plus": "--samples-per-prompt 16 --minibatch-size 16 --micro-batch-size 16 --epochs 2 --learning-rate 2e-5",
-    # RestEM fine-tunes the base model from scratch each round, so it gets the same problems in
-    # fewer, larger rounds: ITERATIONS x PROMPTS problems in RESTEM_ROUNDS rounds (set in specs()).
-    "restem": f"--samples-per-prompt {G} --minibatch-size 16 --micro-batch-size 16 --epochs 4 --learning-rate 1e-4 "
+    "vineppo": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 4 --kl-coef 1e-3",
+    "ppo": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3",
+    "grpo": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3",
+    "rloo": f"{_PPO_FAMILY} --epochs 2",
+    "dpo-plus": f"--samples-per-prompt {G} --minibatch-size 64 --micro-batch-size 32 --epochs 2 --learning-rate {LR}",
+    # RestEM fine-tunes the base model from scratch each round, so it gets the same problems in fewer,
+    # larger rounds: ITERATIONS x PROMPTS problems in RESTEM_ROUNDS rounds (set in specs()).
+    "restem": f"--samples-per-prompt {G} --minibatch-size 64 --micro-batch-size 32 --epochs 4 --learning-rate 1e-4 "
               "--eval-every-steps 4 --validation-problems 200 --validation-samples 1 --validation-temperature 0",
-    "sft": f"--minibatch-size {PROMPTS // SFT_STEPS} --micro-batch-size {PROMPTS // SFT_STEPS} --learning-rate 1e-4",
+    # the fair control: GRPO's optimiser settings and step count, on G copies of each reference solution
+    "sft": f"--samples-per-prompt {G} --minibatch-size {MINIBATCH} --micro-batch-size 32 --epochs 2 "
+           f"--learning-rate {LR} --warmup-ratio 0.1",
+    "null": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --permute-advantages",
 }
-RESTEM_ROUNDS = 2
-
-#: What was tried (2026-11-22, 2-core CPU; results in experiments/bench/results/learning-arithmetic/).
-TRIED: list[str] = [
-    "SETTINGS as above, 10 iterations: every method ended below the SFT start on greedy accuracy "
-    "(33.3% -> VinePPO 28.8±1.0, PPO 29.9±0.8, GRPO 30.7±0.7 over 3 seeds; RLOO 30.7, DPO+ 29.8, "
-    "SFT control 25.8); sampled accuracy flat or down; RestEM kept the base model (no checkpoint beat it)",
-    "VinePPO at lr 5e-6 (otherwise the same, seed 0): greedy 33.3 -> 33.3, sampled 26.6 -> 26.9, KL 0.002: "
-    "no loss but no gain in 80 steps",
-    "warm start lr 2e-3 (800 steps): 7.7% greedy, the model never learned to copy the start number; lr 1e-3 "
-    "is the cached setup (33.3%)",
-]
-
+ALGO = {"null": "grpo"}  # labels that are not algorithm names
+RESTEM_ROUNDS = 5
 MULTI_SEED = ("vineppo", "ppo", "grpo")
+
+#: What was tried (2-core CPU). Earlier design (8 x 8, 10 iterations; 2026-11-22; results in git history):
+#: every method ended below the SFT start on greedy accuracy.
+TRIED: list[str] = [
+    "old design, 10 iterations of 8 x 8: greedy 33.3% -> VinePPO 28.8±1.0, PPO 29.9±0.8, GRPO 30.7±0.7 (3 seeds), "
+    "RLOO 30.7, DPO+ 29.8, SFT control 25.8 (an unfair control: 4 steps of 2 problems at 1e-4); drift, not learning",
+    "pilot GRPO 32 x 8, mini-batch 128, beta 1e-3, 10% warm-up, 20 iterations, lr 1e-5, 1 epoch: greedy 34.4 -> "
+    "35.6 ± 2.1, sampled 29.8 -> 29.2, KL 0.003, training reward flat near 0.25",
+    "pilot GRPO as above, lr 5e-5, 2 epochs: greedy 34.4 -> 28.8, sampled 29.8 -> 23.8, KL 0.03-0.04 (damaged)",
+]
 
 
 @dataclass
 class LearningBench:
     """The learning benchmark on the arithmetic task."""
 
-    iterations: int = 10
-    """Iterations per run (the budget)."""
+    iterations: int = 50
+    """Iterations per run."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Seeds for VinePPO, PPO and GRPO; the other algorithms use the first."""
+    """Seeds of VinePPO, PPO and GRPO; the other runs use the first."""
     only: list[str] = field(default_factory=list)
-    """Run only these algorithms (default: all of SETTINGS)."""
+    """Run only these labels (default: all of SETTINGS)."""
     eval_problems: int = 1000
-    """Test problems per evaluation."""
-    eval_every: int = 0
-    """Intermediate evaluations every this many iterations (0: only before and after)."""
-    jobs: int = 2
-    """Runs at once."""
-    out: Path = Path("runs/learning-arithmetic")
-    """Output directory."""
+    """Test problems per evaluation (the same first N for every run)."""
+    eval_every: int = 10
+    """Evaluate every this many iterations (and before and after)."""
+    jobs: int = 1
+    """Runs at once (each uses one CPU thread)."""
+    out: Path = Path(__file__).resolve().parent / "results" / "learning-arithmetic"
+    """Results folder."""
     quick: bool = False
     """Smoke run: 2 iterations, 100 test problems, one seed."""
+    summarize_only: bool = False
+    """Only rebuild summary.md, summary.json and the plots from the runs that have finished."""
 
 
 def specs(cfg: LearningBench) -> list[compare.RunSpec]:
     common = (f"--task arithmetic --prompts-per-iteration {PROMPTS} --max-new-tokens {MAX_NEW} "
-              f"--eval-problems {cfg.eval_problems} --eval-every {cfg.eval_every or cfg.iterations}").split()
+              f"--eval-problems {cfg.eval_problems} --eval-every {cfg.eval_every} "
+              f"--eval-sampled-samples {EVAL_SAMPLES} --save-every {cfg.eval_every}").split()
     names = cfg.only or list(SETTINGS)
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
-        raise SystemExit(f"unknown algorithm(s) {unknown}; valid: {', '.join(SETTINGS)}")
+        raise SystemExit(f"unknown run(s) {unknown}; valid: {', '.join(SETTINGS)}")
     out = []
     for name in names:
         flags = common + SETTINGS[name].split()
@@ -105,25 +122,91 @@ def specs(cfg: LearningBench) -> list[compare.RunSpec]:
             rounds = min(RESTEM_ROUNDS, cfg.iterations)
             flags += ["--iterations", str(rounds), "--prompts-per-iteration", str(PROMPTS * cfg.iterations // rounds)]
         for seed in (cfg.seeds if name in MULTI_SEED else cfg.seeds[:1]):
-            out.append(compare.RunSpec(name, name, seed, tuple(flags)))
+            out.append(compare.RunSpec(name, ALGO.get(name, name), seed, tuple(flags)))
     return out
 
 
-def main(argv: list[str] | None = None) -> str:
+def _sampled(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "eval/accuracy_sampled" in r]
+
+
+def gains(run_specs: list[compare.RunSpec], out: Path) -> dict:
+    """Per label: seeds finished, mean start and final sampled pass@1 (fractions) and the gain's mean and
+    standard error across seeds (the single run's evaluation standard error with one seed)."""
+    result: dict[str, dict] = {}
+    for label in dict.fromkeys(s.label for s in run_specs):
+        evals = [_sampled(r["rows"]) for s in run_specs if s.label == label and (r := compare.load_run(out / s.dirname))]
+        evals = [e for e in evals if len(e) >= 2]
+        if not evals:
+            continue
+        starts = [e[0]["eval/accuracy_sampled"] for e in evals]
+        finals = [e[-1]["eval/accuracy_sampled"] for e in evals]
+        deltas = [f - s for s, f in zip(starts, finals)]
+        n = len(deltas)
+        mean = sum(deltas) / n
+        if n > 1:
+            se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (n - 1) / n)
+        else:  # one seed: paired problems, so the final evaluation's own error is an upper bound
+            se = evals[0][-1].get("eval/accuracy_sampled_stderr", float("nan"))
+        result[label] = {"seeds": n, "start": sum(starts) / n, "final": sum(finals) / n, "gain_mean": mean,
+                         "gain_se": se, "final_greedy": sum(e[-1]["eval/accuracy"] for e in evals) / n,
+                         "final_kl": sum(e[-1].get("eval/kl", float("nan")) for e in evals) / n}
+    return result
+
+
+def _plots(run_specs: list[compare.RunSpec], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, xlabel, name in (("total/optimizer_steps", "gradient steps", "steps"),
+                              ("time/elapsed", "wall-clock (min)", "wallclock"),
+                              ("eval/kl", "KL(π‖π_ref) per token (nats)", "kl")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        colors = {}
+        for s in run_specs:
+            rows = _sampled(compare.load_rows(out / s.dirname))
+            pts = [(r.get(key, float("nan")) / (60 if name == "wallclock" else 1), 100 * r["eval/accuracy_sampled"])
+                   for r in rows]
+            pts = [p for p in pts if not math.isnan(p[0])]
+            if not pts:
+                continue
+            color = colors.setdefault(s.label, f"C{len(colors) % 10}")
+            ax.plot(*zip(*pts), marker="o", ms=3, color=color, alpha=0.8,
+                    label=s.label if sum(1 for x in run_specs if x.label == s.label and x.seed < s.seed) == 0 else None)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"sampled pass@1 (%), {EVAL_SAMPLES} samples/problem")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"pass1_vs_{name}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
     import tyro
 
     cfg = tyro.cli(LearningBench, args=argv)
     if cfg.quick:
-        cfg.iterations, cfg.eval_problems, cfg.seeds = 2, 100, cfg.seeds[:1]
-    runs = specs(cfg)
-    status = compare.run_all(runs, "arithmetic", "tiny", cfg.iterations, cfg.out, cfg.jobs)
-    for name, why in status.items():
-        if why.startswith("failed"):
-            print(f"[learning] {name}: {why}")
-    text = compare.summarize(runs, cfg.out, title=f"Learning benchmark: arithmetic, {cfg.iterations} iterations x "
-                                                   f"{PROMPTS} problems, {cfg.eval_problems} test problems")
+        cfg.iterations, cfg.eval_problems, cfg.eval_every, cfg.seeds = 2, 100, 1, cfg.seeds[:1]
+    run_specs = specs(cfg)
+    if not cfg.summarize_only:
+        status = compare.run_all(run_specs, "arithmetic", "tiny", cfg.iterations, cfg.out, cfg.jobs)
+        for name, why in status.items():
+            if why.startswith("failed"):
+                print(f"[learning] {name}: {why}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    text = compare.summarize(run_specs, cfg.out, title=f"Learning benchmark: arithmetic, {cfg.iterations} iterations x "
+                                                       f"{PROMPTS} problems x {G} samples, {cfg.eval_problems} test problems")
+    table = gains(run_specs, cfg.out)
+    (cfg.out / "summary.json").write_text(json.dumps({"runs": table}, indent=2))
+    _plots(run_specs, cfg.out)
     print(text)
-    return text
+    for label, r in table.items():
+        print(f"[learning] {label:>9}: sampled pass@1 {100 * r['start']:.1f} -> {100 * r['final']:.1f} "
+              f"(gain {100 * r['gain_mean']:+.1f} ± {100 * r['gain_se']:.1f}, {r['seeds']} seed(s))")
+    return table
 
 
 if __name__ == "__main__":
