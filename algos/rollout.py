@@ -10,13 +10,16 @@ episode_generators/episode_generator_with_reward_function.py).
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 from algos.samplers.base import Completion, Sampler, SamplingParams
 from langenv.env import LanguageEnv, StepResult
 from langenv.grading import STATUSES, GradingError
 from langenv.state import EnvState
+from langenv.steps import step_char_offsets
 
 
 @dataclass(frozen=True)
@@ -176,3 +179,59 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
         metrics[f"grading/{status}"] = float(sum(e.status == status for e in episodes))
     metrics.update(group_metrics(episodes))
     return metrics
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How one episode's response splits into reasoning steps, in tokens.
+
+    Attributes:
+        boundaries: token index where each step starts, (n,), boundaries[0] == 0.
+        token_steps: step index of every response token, (T,); a trailing EOS joins the last step.
+    """
+
+    boundaries: tuple[int, ...]
+    token_steps: tuple[int, ...]
+
+
+def step_layout(episode: Episode, tokenizer, split_steps) -> StepLayout:
+    """Split a response into steps on its decoded text and map the steps to token offsets.
+
+    Token t starts at character ``len(decode(ids[:t]))``; it belongs to the step containing that
+    character, so a step starts at the first token whose start reaches the step's first character
+    (found by binary search: O(steps · log T) decodes). A step in which no token starts merges
+    into the step before it. A trailing EOS belongs to the last step.
+    """
+    ids = list(episode.response_ids)
+    if not ids:
+        return StepLayout((0,), ())
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    steps = [s for s in split_steps(text) if s] or [text]
+
+    @lru_cache(maxsize=None)
+    def token_start(t: int) -> int:
+        return len(tokenizer.decode(ids[:t], skip_special_tokens=True))
+
+    boundaries = [0]
+    for char in step_char_offsets(steps)[1:]:
+        t = bisect_left(range(len(ids)), char, key=token_start)
+        if boundaries[-1] < t < len(ids):
+            boundaries.append(t)
+    token_steps = [bisect_right(boundaries, t) - 1 for t in range(len(ids))]
+    return StepLayout(tuple(boundaries), tuple(token_steps))
+
+
+def mc_values(env: LanguageEnv, sampler: Sampler, states: Sequence[EnvState], params: SamplingParams,
+              seed: int | None = None, timings: dict[str, float] | None = None) -> tuple[dict[tuple[int, ...], float], int]:
+    """Monte-Carlo values of restored states (VinePPO, arXiv 2410.01679 eq. 5): ``V̂(s)`` = the mean
+    reward of ``params.n`` continuations of ``s``, sampled and graded through the env.
+
+    Args:
+        states: distinct states (by ``token_ids``); each continues within its own response budget.
+    Returns:
+        ({state.token_ids: V̂(s)}, tokens sampled for it).
+    """
+    results = continue_states(env, sampler, states, params, seed=seed, timings=timings)
+    values = {s.token_ids: sum(r.reward for r in rs) / len(rs) for s, rs in zip(states, results)}
+    tokens = sum(len(r.state.response_ids) - len(s.response_ids) for s, rs in zip(states, results) for r in rs)
+    return values, tokens

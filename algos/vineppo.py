@@ -20,20 +20,17 @@ Where the paper's code and this file could differ, the code was followed
 from __future__ import annotations
 
 import time
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Sequence
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
 from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
 from algos.models.sft import cpu_has_fast_bf16
-from algos.rollout import Episode, collect_episodes, continue_states, episode_metrics
+from algos.rollout import Episode, StepLayout, collect_episodes, episode_metrics, mc_values, step_layout
 from algos.training.checks import check_non_negative, check_positive, check_types
 from algos.training.context import TrainContext
 from langenv.state import EnvState
-from langenv.steps import step_char_offsets
 
 
 @dataclass
@@ -66,46 +63,6 @@ class VinePPOConfig:
         return with_fields(cls(), prompts_per_iteration=8, samples_per_prompt=4, mc_rollouts=4,
                            max_step_for_value_estimation=25, max_new_tokens=200, minibatch_size=16,
                            micro_batch_size=16, learning_rate=1e-5, bf16_autocast=cpu_has_fast_bf16())
-
-
-@dataclass(frozen=True)
-class StepLayout:
-    """How one episode's response splits into reasoning steps, in tokens.
-
-    Attributes:
-        boundaries: token index where each step starts, (n,), boundaries[0] == 0.
-        token_steps: step index of every response token, (T,); a trailing EOS joins the last step.
-    """
-
-    boundaries: tuple[int, ...]
-    token_steps: tuple[int, ...]
-
-
-def step_layout(episode: Episode, tokenizer, split_steps) -> StepLayout:
-    """Split a response into steps on its decoded text and map the steps to token offsets.
-
-    Token t starts at character ``len(decode(ids[:t]))``; it belongs to the step containing that
-    character, so a step starts at the first token whose start reaches the step's first character
-    (found by binary search: O(steps · log T) decodes). A step in which no token starts merges
-    into the step before it. A trailing EOS belongs to the last step.
-    """
-    ids = list(episode.response_ids)
-    if not ids:
-        return StepLayout((0,), ())
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    steps = [s for s in split_steps(text) if s] or [text]
-
-    @lru_cache(maxsize=None)
-    def token_start(t: int) -> int:
-        return len(tokenizer.decode(ids[:t], skip_special_tokens=True))
-
-    boundaries = [0]
-    for char in step_char_offsets(steps)[1:]:
-        t = bisect_left(range(len(ids)), char, key=token_start)
-        if boundaries[-1] < t < len(ids):
-            boundaries.append(t)
-    token_steps = [bisect_right(boundaries, t) - 1 for t in range(len(ids))]
-    return StepLayout(tuple(boundaries), tuple(token_steps))
 
 
 def token_advantages(layout: StepLayout, values: Sequence[float], reward: float) -> list[float]:
@@ -201,9 +158,8 @@ class VinePPO:
         states = list(unique.values())
         timings: dict[str, float] = {}
         params = cfg.sampling.params(cfg.mc_rollouts, ctx.task.stop_strings)
-        results = continue_states(ctx.env, ctx.sampler, states, params, seed=ctx.seed_for(iteration, "mc"), timings=timings)
-        value_of = {s.token_ids: sum(r.reward for r in rs) / len(rs) for s, rs in zip(states, results)}
-        tokens = sum(len(r.state.response_ids) - len(s.response_ids) for s, rs in zip(states, results) for r in rs)
+        value_of, tokens = mc_values(ctx.env, ctx.sampler, states, params, seed=ctx.seed_for(iteration, "mc"),
+                                     timings=timings)
         values = []
         for e, row in zip(episodes, requests):
             v = [value_of[s.token_ids] if s is not None else None for s in row]

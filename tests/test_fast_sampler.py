@@ -17,11 +17,10 @@ from transformers import PreTrainedTokenizerFast
 
 from algos.models.policy import batch_sequences, response_logprobs
 from algos.models.tiny import build_char_tokenizer, build_tiny_model
-from algos.rollout import collect_episodes, continue_states
+from algos.rollout import collect_episodes, continue_states, step_layout
 from algos.samplers.base import Completion, Sampler, SamplingParams
 from algos.samplers.hf import HFSampler
 from algos.samplers.prefix_sharing import PrefixSharingSampler, stop_candidate_mask
-from algos.vineppo import step_layout
 from langenv import LanguageEnv, Problem
 from langenv.steps import split_gsm8k
 

@@ -17,10 +17,10 @@ import torch
 from algos.config import with_fields
 from algos.core import step_advantages
 from algos.models.policy import clone_reference
-from algos.rollout import collect_episodes
+from algos.rollout import collect_episodes, step_layout
 from algos.samplers.base import Completion, SamplingParams
 from algos.training.context import TrainContext
-from algos.vineppo import VinePPO, VinePPOConfig, step_layout, token_advantages
+from algos.vineppo import VinePPO, VinePPOConfig, token_advantages
 from langenv import LanguageEnv, Problem
 from langenv.steps import split_gsm8k
 

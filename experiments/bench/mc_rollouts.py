@@ -48,11 +48,14 @@ from transformers import GenerationConfig, StoppingCriteriaList  # noqa: E402
 
 from algos.models.policy import load_policy  # noqa: E402
 from algos.models.warm_start import warm_start_tiny  # noqa: E402
-from algos.rollout import collect_episodes, continue_states  # noqa: E402
+from algos.rollout import (  # noqa: E402
+    collect_episodes,
+    continue_states,
+    step_layout,  # noqa: E402
+)
 from algos.samplers.base import Completion, SamplingParams
 from algos.samplers.hf import HFSampler, _StopOnGeneratedText  # noqa: E402
 from algos.samplers.prefix_sharing import PrefixSharingSampler  # noqa: E402
-from algos.vineppo import step_layout  # noqa: E402
 from langenv.env import LanguageEnv  # noqa: E402
 from langenv.tasks import make_task  # noqa: E402
 
