@@ -1,9 +1,10 @@
 """Experience collection shared by every algorithm: sampler completions stepped through the env.
 
 An `Episode` is one graded response to one prompt, ready to train on. Completions pass through
-`LanguageEnv.step_states`, so rewards, truncation and the EOS trick are the environment's: an EOS
-is appended only to responses that finished (finish_reason "stop"); a response cut by the length
-limit is truncated, scores 0 and gets no EOS (McGill-NLP/VinePPO,
+`LanguageEnv.step_states`, so rewards, truncation, stop strings and the EOS trick are the
+environment's: an EOS is appended only to responses that finished (finish_reason "stop"); a response
+stopped by a stop string is cut before it, then gets EOS (the stop string is never trained on); a
+response cut by the length limit is truncated, scores 0 and gets no EOS (McGill-NLP/VinePPO,
 episode_generators/episode_generator_with_reward_function.py).
 """
 
@@ -24,10 +25,11 @@ class Episode:
     """One finished episode.
 
     Attributes:
-        state: the final `EnvState` (its ``response_ids`` are the trained tokens, EOS included when finished).
+        state: the final `EnvState` (its ``response_ids`` are the trained tokens, EOS included when
+            finished; a stop string is never among them).
         reward: graded reward (1.0 / 0.0).
         status: grading status, or "truncated".
-        text: decoded response, cut before a stop string.
+        text: decoded response, cut before a stop string: the graded text.
     """
 
     state: EnvState
@@ -71,7 +73,8 @@ def check_grading_errors(results: Sequence[StepResult], max_share: float = MAX_G
 
 
 def completion_chunk(completion: Completion, eos_token_id: int) -> list[int]:
-    """Token ids to step the env with: the completion, plus EOS when it finished without one."""
+    """Token ids to step the env with: the completion, plus EOS when it finished without one (on a
+    stop string the env then cuts the stop string and this EOS off and appends EOS after the cut)."""
     ids = list(completion.token_ids)
     if completion.finish_reason == "stop" and (not ids or ids[-1] != eos_token_id):
         ids.append(eos_token_id)

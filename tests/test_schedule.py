@@ -80,8 +80,7 @@ def test_grpo_dropping_uniform_groups_still_decays_the_rate_to_zero(tmp_path, gu
     assert len(rows) == 3  # row 0 (the evaluation before training) left out
     assert sum(r["grpo/uniform_groups"] for r in rows) > 0  # some groups were dropped...
     assert sum(r["grpo/trained_responses"] for r in rows) > 0  # ...and some trained on
-    skipped = sum(r["grpo/schedule_steps_skipped"] for r in rows)
-    assert skipped >= 1
     # the schedule was sized for 3 iterations x 2 steps (8 responses, 4 per step) and ends at 0
-    assert seen["algo"].scheduler.last_epoch == 6
     assert rows[-1]["update/lr"] == 0.0 and seen["algo"].optimizer.param_groups[0]["lr"] == 0.0
+    assert seen["algo"].scheduler.last_epoch == 6
+    assert sum(r["grpo/schedule_steps_skipped"] for r in rows) >= 1

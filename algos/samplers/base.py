@@ -77,7 +77,9 @@ class Completion:
 
     Attributes:
         token_ids: generated tokens. Includes EOS if the model emitted it; on a stop-string hit
-            it ends right after the token that completes the stop string; never padding.
+            it ends right after the token that completes the stop string (the environment then
+            cuts the episode before the stop string and appends EOS:
+            `langenv.env.LanguageEnv.step_states`); never padding.
         logprobs: one per token of ``token_ids`` (nats): log-prob under
             ``softmax(logits / temperature)`` without top-p renormalisation; plain
             ``log_softmax(logits)`` for greedy decoding.
