@@ -10,8 +10,9 @@ episode_generators/episode_generator_with_reward_function.py).
 
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from algos.samplers.base import Completion, Sampler, SamplingParams
@@ -81,6 +82,16 @@ def completion_chunk(completion: Completion, eos_token_id: int) -> list[int]:
     return ids
 
 
+def _takes_budgets(sampler: Sampler) -> bool:
+    """Whether ``sampler.generate`` accepts per-prompt ``budgets`` (all our samplers do; so does a
+    wrapper passing ``**kwargs`` on)."""
+    try:
+        parameters = inspect.signature(sampler.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "budgets" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def continue_states(
     env: LanguageEnv,
     sampler: Sampler,
@@ -93,7 +104,13 @@ def continue_states(
     """Sample ``params.n`` continuations of each live state and step them through the env.
 
     The response budget is each state's own (``max_new_tokens`` counts the whole response), so a
-    continuation that runs past it is truncated and scores 0.
+    continuation that runs past it is truncated and scores 0. The sampler is asked for no more than
+    that: ``min(params.max_new_tokens, state.max_new_tokens − len(state.response_ids))`` new tokens
+    per state (the room a prefix leaves, e.g. VinePPO's Monte-Carlo rollouts), through its
+    ``budgets`` argument in one call (`algos.samplers.base.Sampler.generate`); a sampler whose
+    ``generate`` takes no ``budgets`` gets one call with the largest room as ``max_new_tokens``.
+    The env would cut the extra tokens anyway, so rewards are distributed exactly as with the full
+    budget; only the wasted generation (and a context overflow) goes.
 
     Args:
         timings: if given, seconds spent are added under "generate" and "env" (stepping and grading).
@@ -107,7 +124,14 @@ def continue_states(
     if not states:
         return []
     t0 = time.perf_counter()
-    completions = sampler.generate([list(s.token_ids) for s in states], params, seed=seed)
+    prompts = [list(s.token_ids) for s in states]
+    rooms = [min(params.max_new_tokens, s.max_new_tokens - len(s.response_ids)) for s in states]
+    if min(rooms) >= params.max_new_tokens:  # every state has the full budget (new episodes)
+        completions = sampler.generate(prompts, params, seed=seed)
+    elif _takes_budgets(sampler):
+        completions = sampler.generate(prompts, params, seed=seed, budgets=rooms)
+    else:
+        completions = sampler.generate(prompts, replace(params, max_new_tokens=max(1, max(rooms))), seed=seed)
     t1 = time.perf_counter()
     flat_states, chunks = [], []
     for state, comps in zip(states, completions):
