@@ -98,7 +98,7 @@ def test_hand_computed_problem():
 
 def test_task_protocol_and_format(task):
     assert isinstance(task, langenv.Task)
-    assert (task.name, task.grading_kind, task.stop_strings) == ("arithmetic", "gsm8k", VINEPPO_STOP)
+    assert (task.name, task.grading_kind, task.stop_strings) == ("arithmetic", "gsm8k_strict", VINEPPO_STOP)
     p = task.load("test")[0]
     assert task.prompt(p) == VINEPPO_PROMPT.format(problem=p.question)
     assert task.target(p) == "\n" + p.solution
