@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from algos.core import POLICY_LOSSES, AggregationMode
 from algos.samplers.base import SamplingParams
@@ -103,8 +104,9 @@ class OptimConfig:
         return self.epochs * -(-examples // self.minibatch_size)
 
     def build(self, model: torch.nn.Module, total_steps: int):
-        """AdamW over ``model``'s parameters and its schedule: warm-up over ``ceil(warmup_ratio *
-        total_steps)`` steps, then linear decay to 0 at ``total_steps``. Returns (optimizer, scheduler)."""
+        """AdamW over ``model``'s parameters and its schedule (`make_optimizer`): warm-up over
+        ``ceil(warmup_ratio * total_steps)`` steps, the first of them already at a non-zero rate, then
+        linear decay to 0 at ``total_steps``. Returns (optimizer, scheduler)."""
         return make_optimizer(model, self.learning_rate, self.weight_decay, self.warmup_ratio, total_steps)
 
 
@@ -152,14 +154,47 @@ class ActorConfig:
                              f"got {self.policy_loss!r}")
 
 
+def warmup_decay_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier of optimiser step ``step`` (0-based: the rate the ``step + 1``-th
+    update uses) under linear warm-up then linear decay to 0:
+
+        f(s) = (s + 1) / (W + 1)                 for s < W    (warm-up; the first update is not at 0)
+        f(s) = max(0, (N − s) / max(1, N − W))   for s >= W   (peak at s = W, 0 at s = N)
+
+    with W = ``warmup_steps`` and N = ``total_steps``. The decay is transformers'
+    ``get_linear_schedule_with_warmup``; its warm-up ``s / W`` (and DeepSpeed ``WarmupDecayLR``'s,
+    ``log(s + 1) / log(W)`` or ``s / W``, deepspeed/runtime/lr_schedules.py) gives the first update a
+    rate of exactly 0, a wasted step; ``(s + 1) / (W + 1)`` is that ramp shifted by one step, so
+    step ``W`` still reaches the peak. The last update (s = N − 1) runs at ``1 / (N − W)`` of the
+    peak and the rate after it is 0.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_ratio: float, total_steps: int,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-    """AdamW with linear warm-up over ``warmup_ratio`` of ``total_steps`` then linear decay to 0
-    (DeepSpeed WarmupDecayLR as in the VinePPO configs). Returns (optimizer, scheduler)."""
+    """AdamW with linear warm-up over ``ceil(warmup_ratio * total_steps)`` steps then linear decay
+    to 0 at ``total_steps`` (the shape of DeepSpeed WarmupDecayLR, as in the VinePPO configs, but
+    with a non-zero first step: `warmup_decay_factor`), as a ``torch.optim.lr_scheduler.LambdaLR``
+    stepped once per optimiser step. Returns (optimizer, scheduler)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
     total = max(total_steps, 1)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
+    factor = partial(warmup_decay_factor, warmup_steps=math.ceil(warmup_ratio * total), total_steps=total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
+
+
+def advance_schedule(scheduler, steps: int) -> None:
+    """Step ``scheduler`` ``steps`` more times without an optimiser step, for optimiser steps that
+    were planned but not taken (e.g. GRPO's dropped groups), so that the schedule still reaches its
+    end (lr 0) when the run does. A no-op for ``steps <= 0``. PyTorch's warning about a scheduler
+    step before any optimiser step is silenced here: skipping is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        for _ in range(max(0, int(steps))):
+            scheduler.step()
 
 
 def with_fields(config: C, **fields: Any) -> C:

@@ -30,9 +30,10 @@ the pairs and trains ``epochs`` passes over them; the data distribution is there
 paper's (SFT samples), only cut into per-iteration chunks. To reproduce the paper's single round
 literally, run one iteration with ``prompts_per_iteration`` ≥ the train-split size. The learning
 rate follows one warm-up/decay schedule over the whole run: optimiser step k of S in iteration i
-of I is at progress ``(i + k/S) / I`` (`warmup_decay_lr`); with one iteration this is exactly the
-paper's per-step schedule, and it needs no advance knowledge of how many pairs later iterations
-will yield.
+of I is step ``i·S + k`` of ``I·S`` of the shared warm-up/decay schedule (`warmup_decay_lr`, the
+same as `algos.config.make_optimizer`'s); with one iteration this is exactly the paper's per-step
+schedule (with a non-zero first step), and it needs no advance knowledge of how many pairs later
+iterations will yield.
 
 ``sample_from="policy"`` makes it iterative/online DPO+: each iteration's pairs are sampled from
 the current policy (``ctx.sampler``); ``refresh_reference=True`` additionally resets π_ref to the
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from algos import core
-from algos.config import OptimConfig, SamplingConfig, with_fields
+from algos.config import OptimConfig, SamplingConfig, warmup_decay_factor, with_fields
 from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
 from algos.samplers.base import Sampler
@@ -141,14 +142,13 @@ def build_pairs(episodes: Sequence[Episode], reward_threshold: float, max_pairs_
     return pairs
 
 
-def warmup_decay_lr(peak: float, warmup_ratio: float, progress: float) -> float:
-    """Linear warm-up from 0 over the first ``warmup_ratio`` of training, then linear decay to 0
-    at progress 1 (``progress`` in [0, 1], clamped). At step k of N (progress k/N) this equals
-    `transformers.get_linear_schedule_with_warmup` whenever ``warmup_ratio · N`` is an integer."""
-    p = min(max(progress, 0.0), 1.0)
-    if p < warmup_ratio:
-        return peak * p / warmup_ratio
-    return peak * max(0.0, (1.0 - p) / (1.0 - warmup_ratio))
+def warmup_decay_lr(peak: float, warmup_ratio: float, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total_steps``: ``peak`` times
+    `algos.config.warmup_decay_factor` with ``ceil(warmup_ratio · total_steps)`` warm-up steps, i.e.
+    exactly the schedule `algos.config.make_optimizer` gives the other algorithms (the first step is
+    at a non-zero rate; 0 after the last)."""
+    total = max(int(total_steps), 1)
+    return peak * warmup_decay_factor(step, math.ceil(warmup_ratio * total), total)
 
 
 def sequence_logprobs(model, episodes: Sequence[Episode], temperature: float, pad_token_id: int) -> torch.Tensor:
@@ -276,7 +276,9 @@ class DPOPlus:
         visits, grad_norms, nonfinite = 0, [], 0
         steps_per_epoch = -(-len(pairs) // cfg.optim.minibatch_size)
         total = cfg.optim.epochs * steps_per_epoch
-        lr = warmup_decay_lr(cfg.optim.learning_rate, cfg.optim.warmup_ratio, iteration / self.total_iterations)
+        # the run's schedule as if every iteration took this one's number of steps (see the module docstring)
+        run_steps = max(total, 1) * self.total_iterations
+        lr = warmup_decay_lr(cfg.optim.learning_rate, cfg.optim.warmup_ratio, iteration * max(total, 1), run_steps)
         step = 0
         if pairs:
             policy.train()
@@ -284,7 +286,7 @@ class DPOPlus:
                 order = torch.randperm(len(pairs), generator=ctx.generator).tolist()
                 for batch_rows in _chunks(order, cfg.optim.minibatch_size):
                     lr = warmup_decay_lr(cfg.optim.learning_rate, cfg.optim.warmup_ratio,
-                                         (iteration + step / total) / self.total_iterations)
+                                         iteration * total + step, run_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     step += 1

@@ -16,6 +16,11 @@ The normalisation is a config field (`core.aggregate` modes; reference/algorithm
 2503.20783) is ``seq_sum_const`` (Σ_iΣ_t ℓ / (G · L_max), L_max = max_new_tokens) with
 ``scale_by_std=False`` and β = 0. ``drop_uniform_groups`` removes groups whose rewards are all equal
 (they carry no signal) from the update, DAPO's dynamic-sampling filter without the re-sampling.
+The learning-rate schedule is sized for every response (``epochs · ceil(G · prompts / minibatch)``
+optimiser steps per iteration); optimiser steps an iteration does not take (dropped groups, or
+mini-batches the actor skips) are stepped through on the schedule afterwards
+(`algos.config.advance_schedule`), so each iteration uses up its share of the schedule and the rate
+reaches 0 at the end of the run whatever is dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
-from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, advance_schedule, with_fields
 from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
 from algos.training.checks import check_at_least, check_types
@@ -55,7 +60,8 @@ class GRPOConfig:
     scale_by_std: bool = True
     """Divide centred rewards by the group std (False: Dr. GRPO)."""
     drop_uniform_groups: bool = False
-    """Leave groups with all-equal rewards out of the update (DAPO's dynamic-sampling filter)."""
+    """Leave groups with all-equal rewards out of the update (DAPO's dynamic-sampling filter); the
+    optimiser steps they would have taken are skipped on the LR schedule, which still ends at 0."""
 
     def __post_init__(self) -> None:
         """Raises TypeError / ValueError naming ``GRPOConfig.<field>`` (see `algos.training.checks`)."""
@@ -116,15 +122,21 @@ class GRPO:
         train_eps = [episodes[i] for i in keep]
         per_token = [[flat[i]] * len(episodes[i].response_ids) for i in keep]
         update: dict[str, float] = {"optimizer_steps": 0.0}
+        schedule_start = self.scheduler.last_epoch
         if train_eps:
             update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, train_eps, per_token,
                                   self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
             ctx.sampler.update_weights(ctx.policy)
+        # this iteration's share of the schedule, whatever was dropped or skipped (module docstring)
+        planned = cfg.optim.steps_per_iteration(len(episodes))
+        advanced = planned - (self.scheduler.last_epoch - schedule_start)
+        advance_schedule(self.scheduler, advanced)
         t2 = time.perf_counter()
         metrics = episode_metrics(episodes)
         metrics.update({
             "grpo/uniform_groups": float(uniform.float().mean()),
             "grpo/trained_responses": float(len(train_eps)),
+            "grpo/schedule_steps_skipped": float(max(advanced, 0)),
             "train/advantage_abs_mean": float(advantages.abs().mean()),
             "time/sampling": timings.get("generate", 0.0),
             "time/grading": timings.get("env", 0.0),

@@ -1,17 +1,19 @@
 """Experience collection shared by every algorithm: sampler completions stepped through the env.
 
 An `Episode` is one graded response to one prompt, ready to train on. Completions pass through
-`LanguageEnv.step_states`, so rewards, truncation and the EOS trick are the environment's: an EOS
-is appended only to responses that finished (finish_reason "stop"); a response cut by the length
-limit is truncated, scores 0 and gets no EOS (McGill-NLP/VinePPO,
+`LanguageEnv.step_states`, so rewards, truncation, stop strings and the EOS trick are the
+environment's: an EOS is appended only to responses that finished (finish_reason "stop"); a response
+stopped by a stop string is cut before it, then gets EOS (the stop string is never trained on); a
+response cut by the length limit is truncated, scores 0 and gets no EOS (McGill-NLP/VinePPO,
 episode_generators/episode_generator_with_reward_function.py).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Sequence
 
@@ -27,10 +29,11 @@ class Episode:
     """One finished episode.
 
     Attributes:
-        state: the final `EnvState` (its ``response_ids`` are the trained tokens, EOS included when finished).
+        state: the final `EnvState` (its ``response_ids`` are the trained tokens, EOS included when
+            finished; a stop string is never among them).
         reward: graded reward (1.0 / 0.0).
         status: grading status, or "truncated".
-        text: decoded response, cut before a stop string.
+        text: decoded response, cut before a stop string: the graded text.
     """
 
     state: EnvState
@@ -74,11 +77,22 @@ def check_grading_errors(results: Sequence[StepResult], max_share: float = MAX_G
 
 
 def completion_chunk(completion: Completion, eos_token_id: int) -> list[int]:
-    """Token ids to step the env with: the completion, plus EOS when it finished without one."""
+    """Token ids to step the env with: the completion, plus EOS when it finished without one (on a
+    stop string the env then cuts the stop string and this EOS off and appends EOS after the cut)."""
     ids = list(completion.token_ids)
     if completion.finish_reason == "stop" and (not ids or ids[-1] != eos_token_id):
         ids.append(eos_token_id)
     return ids
+
+
+def _takes_budgets(sampler: Sampler) -> bool:
+    """Whether ``sampler.generate`` accepts per-prompt ``budgets`` (all our samplers do; so does a
+    wrapper passing ``**kwargs`` on)."""
+    try:
+        parameters = inspect.signature(sampler.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "budgets" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def continue_states(
@@ -93,7 +107,13 @@ def continue_states(
     """Sample ``params.n`` continuations of each live state and step them through the env.
 
     The response budget is each state's own (``max_new_tokens`` counts the whole response), so a
-    continuation that runs past it is truncated and scores 0.
+    continuation that runs past it is truncated and scores 0. The sampler is asked for no more than
+    that: ``min(params.max_new_tokens, state.max_new_tokens − len(state.response_ids))`` new tokens
+    per state (the room a prefix leaves, e.g. VinePPO's Monte-Carlo rollouts), through its
+    ``budgets`` argument in one call (`algos.samplers.base.Sampler.generate`); a sampler whose
+    ``generate`` takes no ``budgets`` gets one call with the largest room as ``max_new_tokens``.
+    The env would cut the extra tokens anyway, so rewards are distributed exactly as with the full
+    budget; only the wasted generation (and a context overflow) goes.
 
     Args:
         timings: if given, seconds spent are added under "generate" and "env" (stepping and grading).
@@ -107,7 +127,14 @@ def continue_states(
     if not states:
         return []
     t0 = time.perf_counter()
-    completions = sampler.generate([list(s.token_ids) for s in states], params, seed=seed)
+    prompts = [list(s.token_ids) for s in states]
+    rooms = [min(params.max_new_tokens, s.max_new_tokens - len(s.response_ids)) for s in states]
+    if min(rooms) >= params.max_new_tokens:  # every state has the full budget (new episodes)
+        completions = sampler.generate(prompts, params, seed=seed)
+    elif _takes_budgets(sampler):
+        completions = sampler.generate(prompts, params, seed=seed, budgets=rooms)
+    else:
+        completions = sampler.generate(prompts, replace(params, max_new_tokens=max(1, max(rooms))), seed=seed)
     t1 = time.perf_counter()
     flat_states, chunks = [], []
     for state, comps in zip(states, completions):

@@ -1,8 +1,12 @@
 """langenv: a resettable-state Gymnasium language environment for RL on LLM reasoning.
 
 Importing the package registers the tasks ``gsm8k``, ``math`` and ``arithmetic`` and the Gymnasium
-ids ``langenv/GSM8K-v0``, ``langenv/MATH-v0`` and ``langenv/Arithmetic-v0`` (bump the version when
-extraction, grading or, for arithmetic, problem generation changes).
+ids ``langenv/GSM8K-v1``, ``langenv/MATH-v1`` and ``langenv/Arithmetic-v1`` (bump the version when
+extraction, grading, the transition or, for arithmetic, problem generation changes).
+
+Versions: v1 (issue 11 §4) cuts a response stopped by a stop string before the stop string and
+appends EOS (v0 kept the stop string's tokens; all three ids), and grades GSM8K and Arithmetic by the
+paper's rule, 0 without a ``#### N`` line (v0 fell back to the last number).
 """
 
 import gymnasium as gym
@@ -17,7 +21,7 @@ __all__ = [
 ]
 
 for _id, _task in (
-    ("langenv/GSM8K-v0", "gsm8k"), ("langenv/MATH-v0", "math"), ("langenv/Arithmetic-v0", "arithmetic"),
+    ("langenv/GSM8K-v1", "gsm8k"), ("langenv/MATH-v1", "math"), ("langenv/Arithmetic-v1", "arithmetic"),
 ):
     if _id not in gym.registry:
         gym.register(id=_id, entry_point="langenv.env:LanguageEnv", kwargs={"task": _task})

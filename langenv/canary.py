@@ -167,6 +167,7 @@ class CanaryResult:
 #: "math" positives are equivalent forms that need sympy (checked at run time with `grading._fast`).
 PROBES: dict[str, tuple[tuple[str, str, float], ...]] = {
     "gsm8k": (("7", "\n#### 8", 0.0),),
+    "gsm8k_strict": (("7", "\n#### 8", 0.0),),
     "math": (
         ("x^2+2x+1", "\nSo the answer is $\\boxed{(x+1)^2}$.", 1.0),
         ("\\frac{\\sqrt{3}}{3}", "\nSo the answer is $\\boxed{\\frac{1}{\\sqrt{3}}}$.", 1.0),

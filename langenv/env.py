@@ -4,6 +4,8 @@ Observation: the token ids of prompt and response so far, a 1-D int64 array.
 Action: a chunk of token ids (one token, a reasoning step or a whole completion).
 Reward: on termination, the task's grade of the decoded response (1.0 correct, 0.0 otherwise);
 0.0 on every other step and on truncation (the length limit), where no EOS is appended.
+Termination: EOS, or one of the task's stop strings in the response text; a stop-string stop cuts
+the response before the stop string and appends EOS (`LanguageEnv.stop_cut`).
 
 State is data (`langenv.state.EnvState`): `snapshot()` returns it, `restore(state)` takes it,
 and `EnvState.prefix(n)` makes the state of any prefix of a trajectory. `step_states` is the same
@@ -25,6 +27,11 @@ from langenv.state import EnvState, transition
 from langenv.tasks.base import Problem, Task, make_task
 
 
+def _stop_start(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Index of the first character of the earliest stop string in ``text``, or None."""
+    return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -40,7 +47,9 @@ class StepResult:
         status: grading status on termination ("correct", "incorrect", "no_answer", "timeout",
             "invalid", or "error" when the grader could not check at all: not a verdict, reward
             0.0, cause in ``info["grading_error"]``), "truncated" on truncation, "running" otherwise.
-        text: the decoded response so far, cut before a stop string, without special tokens.
+        text: the decoded response so far, cut before a stop string, without special tokens: the
+            text graded on termination (when a token straddles the stop string's start, a little
+            longer than the decoded ``state.response_ids``, see `LanguageEnv.stop_cut`).
     """
 
     state: EnvState
@@ -179,14 +188,56 @@ class LanguageEnv(gym.Env):
             (text, stopped): ``stopped`` is True when a stop string was found.
         """
         text = self.tokenizer.decode(list(state.response_ids), skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.task.stop_strings) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
+        cut = _stop_start(text, self.task.stop_strings)
+        return (text[:cut], True) if cut is not None else (text, False)
+
+    def stop_cut(self, response_ids: Sequence[int]) -> tuple[str, int | None]:
+        """Where a response stopped by a stop string ends: (text, keep).
+
+        ``text`` is the decoded response (special tokens removed) cut right before the first stop
+        string (the whole text when there is none): what the grader sees. ``keep`` is None without
+        a stop string; otherwise the number of leading tokens the episode keeps: the last token
+        boundary at or before the stop string's first character, i.e. the largest ``k`` whose
+        ``decode(response_ids[:k])`` is a prefix of ``text`` (found by binary search on its length,
+        O(log T) decodes, then stepping back over boundaries that do not decode to a prefix, such as
+        a partial UTF-8 character). When a token straddles the boundary (its text holds the end of
+        the answer and the start of the stop string, e.g. ``"5\\n"`` for the stop ``"\\nProblem:"``),
+        that whole token is dropped, so the kept tokens decode to a proper prefix of ``text``; the
+        grade still uses ``text``. The stop string itself is never kept: ``keep`` is smaller than
+        the number of tokens whose text first contains it (so ``keep + 1`` tokens fit the budget).
+        """
+        ids = list(response_ids)
+        full = self.tokenizer.decode(ids, skip_special_tokens=True)
+        start = _stop_start(full, self.task.stop_strings)
+        if start is None:
+            return full, None
+        text = full[:start]
+
+        def decoded(k: int) -> str:
+            return self.tokenizer.decode(ids[:k], skip_special_tokens=True)
+
+        lo, hi = 0, len(ids)  # largest k with len(decode(ids[:k])) <= start; k = 0 always qualifies
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(decoded(mid)) <= start:
+                lo = mid
+            else:
+                hi = mid - 1
+        while lo > 0 and not text.startswith(decoded(lo)):
+            lo -= 1
+        return text, lo
 
     def step_states(self, states: Sequence[EnvState], chunks: Sequence[Sequence[int]]) -> list[StepResult]:
         """Apply ``chunks[i]`` to ``states[i]`` for every i, grading all finished episodes in one call.
 
         This is the environment's transition for a batch of episodes; `step` is its one-episode
-        form. It never mutates the environment.
+        form. It never mutates the environment. The pure token transition (`transition`: EOS,
+        budget) comes first; then, when the response text contains one of the task's stop strings,
+        the episode terminates and its response is cut before the stop string and gets EOS
+        (`stop_cut`: the tokens up to the last token boundary at or before the stop string, then
+        EOS), as the VinePPO code cuts responses before its stop string: the stop string is never
+        trained on. The cut may remove tokens of earlier steps (those that began the stop string),
+        and the reward is the grade of the text before the stop string (``StepResult.text``).
 
         Raises:
             ValueError: if the lengths differ or a state is already done.
@@ -196,9 +247,10 @@ class LanguageEnv(gym.Env):
         new_states, texts = [], []
         for state, chunk in zip(states, chunks):
             new = transition(state, chunk)
-            text, stopped = self.response_text(new)
-            if stopped and not new.terminated:
-                new = replace(new, terminated=True, truncated=False)
+            text, keep = self.stop_cut(new.response_ids)
+            if keep is not None:
+                response = new.response_ids[:keep] + (new.eos_token_id,)
+                new = replace(new, response_ids=response, terminated=True, truncated=False)
             new_states.append(new)
             texts.append(text)
         to_grade = [i for i, s in enumerate(new_states) if s.terminated]

@@ -26,7 +26,8 @@ class EnvState:
         problem: the task problem being solved.
         prompt_ids: prompt token ids (including BOS when the tokenizer adds one), length P.
         response_ids: response token ids so far, length T <= max_new_tokens; includes the final
-            EOS when the episode terminated on EOS.
+            EOS when the episode terminated (on EOS, or on a stop string: then the response is cut
+            before the stop string and EOS appended, see `langenv.env.LanguageEnv.stop_cut`).
         max_new_tokens: the response budget in tokens; reaching it truncates the episode.
         eos_token_id: the id whose emission terminates the episode.
         terminated: the response ended (EOS or a stop string).

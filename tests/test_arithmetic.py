@@ -98,7 +98,7 @@ def test_hand_computed_problem():
 
 def test_task_protocol_and_format(task):
     assert isinstance(task, langenv.Task)
-    assert (task.name, task.grading_kind, task.stop_strings) == ("arithmetic", "gsm8k", VINEPPO_STOP)
+    assert (task.name, task.grading_kind, task.stop_strings) == ("arithmetic", "gsm8k_strict", VINEPPO_STOP)
     p = task.load("test")[0]
     assert task.prompt(p) == VINEPPO_PROMPT.format(problem=p.question)
     assert task.target(p) == "\n" + p.solution
@@ -223,7 +223,7 @@ def test_make_task_and_gym_env_with_char_tokenizer(task, char_tok):
     assert isinstance(t, ArithmeticTask) and t.max_ops == 3
     assert "arithmetic" in langenv.task_names()
 
-    env = gym.make("langenv/Arithmetic-v0", tokenizer=char_tok, max_new_tokens=100)
+    env = gym.make("langenv/Arithmetic-v1", tokenizer=char_tok, max_new_tokens=100)
     check_env(env.unwrapped, skip_render_check=True)
     obs, info = env.reset(seed=0)
     base = env.unwrapped

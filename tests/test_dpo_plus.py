@@ -95,17 +95,16 @@ def test_pairs_are_deterministic_for_a_seed():
     assert len(a) == 4 * 8
 
 
-def test_warmup_decay_schedule_matches_transformers_for_one_round():
-    from transformers import get_linear_schedule_with_warmup
+def test_warmup_decay_schedule_matches_the_shared_one_for_one_round():
+    from algos.config import make_optimizer
 
     steps, ratio, peak = 100, 0.03, 1e-3
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    sched = get_linear_schedule_with_warmup(opt, math.ceil(ratio * steps), steps)
+    opt, sched = make_optimizer(torch.nn.Linear(1, 1), peak, 0.0, ratio, steps)
     for k in range(steps):
-        assert warmup_decay_lr(peak, ratio, k / steps) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
+        assert warmup_decay_lr(peak, ratio, k, steps) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
         opt.step()
         sched.step()
-    assert warmup_decay_lr(peak, 0.0, 0.0) == peak and warmup_decay_lr(peak, ratio, 1.0) == 0.0
+    assert warmup_decay_lr(peak, 0.0, 0, steps) == peak and warmup_decay_lr(peak, ratio, steps, steps) == 0.0
 
 
 # ------------------------------------------------------------------------------- one iteration

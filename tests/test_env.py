@@ -23,7 +23,7 @@ def gold_tokens(env, problem):
 
 
 def test_registered_ids_and_check_env(tokenizer):
-    for env_id in ("langenv/GSM8K-v0", "langenv/MATH-v0"):
+    for env_id in ("langenv/GSM8K-v1", "langenv/MATH-v1"):
         env = gym.make(env_id, tokenizer=tokenizer, max_new_tokens=16)
         check_env(env.unwrapped, skip_render_check=True)
         env.close()

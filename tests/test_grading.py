@@ -332,3 +332,50 @@ def test_conformance_cases():
     assert ok / len(scored) >= 0.97
     adversarial = [r for r in result["records"] if r["case"]["adversarial"]]
     assert adversarial and max(r["seconds"] for r in adversarial) < 2.0
+
+
+# ------------------------------------------------------------------ the paper's GSM8K rule (issue 11 §4)
+@pytest.mark.parametrize("completion,status", [
+    ("So the answer is 18.", "no_answer"),          # lenient "gsm8k": correct through the fallback
+    ("She makes 9 * 2 = 18 dollars.", "no_answer"),  # last number 18
+    ("The answer is \\boxed{18}.", "no_answer"),
+    ("She makes 18 dollars.\n#### 18", "correct"),
+    ("#### $18.00", "correct"),                       # the numbers are compared as for "gsm8k"
+    ("#### 17\nActually 18", "incorrect"),           # only the #### line counts
+    ("#### 18\n\nSo the answer is 17.", "correct"),
+])
+def test_gsm8k_strict_needs_a_hashes_line(pool, completion, status):
+    assert check(pool, completion, "18", "gsm8k_strict").status == status
+    assert check(pool, completion, "She makes 9 * 2 = 18.\n#### 18", "gsm8k_strict").status == status
+
+
+def test_lenient_is_correct_is_unchanged_and_strict_is_opt_in():
+    assert "gsm8k_strict" in grading.KINDS
+    assert grading.is_correct("So the answer is 18.", "18")  # detected kind, lenient
+    assert grading.is_correct("So the answer is 18.", "18", "gsm8k")
+    assert not grading.is_correct("So the answer is 18.", "18", "gsm8k_strict")
+    assert extract_answer("So the answer is 18.", "gsm8k_strict") is None
+    assert extract_answer("x\n#### 1,234 dollars", "gsm8k_strict") == "1,234 dollars"
+
+
+@pytest.mark.parametrize("task_name", ["gsm8k", "arithmetic"])
+def test_training_and_evaluation_rewards_follow_the_paper_rule(tokenizer, task_name):
+    # the env every algorithm and the evaluation step through: no "####" line, reward 0
+    from langenv import LanguageEnv
+    from langenv.tasks import make_task
+
+    env = LanguageEnv(task_name, tokenizer, split="test", max_new_tokens=64)
+    problem = env.problems[0]
+    state = env.initial_state(problem)
+    eos = tokenizer.eos_token_id
+
+    def reward(text, e=env):
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids) + [eos]
+        return e.step_states([state], [ids])[0]
+
+    r = reward(f"\nSo the answer is {problem.answer}.")
+    assert (r.reward, r.status) == (0.0, "no_answer")
+    r = reward(f"\nSo it is\n#### {problem.answer}")
+    assert (r.reward, r.status) == (1.0, "correct")
+    lenient = LanguageEnv(make_task(task_name, lenient_grading=True), tokenizer, split="test", max_new_tokens=64)
+    assert reward(f"\nSo the answer is {problem.answer}.", lenient).reward == 1.0

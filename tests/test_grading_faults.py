@@ -270,7 +270,7 @@ def test_canary_catches_a_broken_worker_pool(tokenizer, monkeypatch):
 def test_canary_catches_a_grader_that_says_yes_to_everything(tokenizer, monkeypatch):
     env = LanguageEnv("gsm8k", tokenizer, split="test", max_new_tokens=1024)
     monkeypatch.setattr(grading, "grade_batch", lambda c, r, kind=None, timeout_s=None: [Grade(1.0, "correct")] * len(c))
-    with pytest.raises(RuntimeError, match="canary/gsm8k/0: status='correct' reward=1.0 extracted='8'.*known-WRONG"):
+    with pytest.raises(RuntimeError, match="canary/gsm8k_strict/0: status='correct' reward=1.0 extracted='8'.*known-WRONG"):
         check_canary(env, count=3)
 
 

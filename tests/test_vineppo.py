@@ -198,3 +198,47 @@ def test_layout_matches_brute_force_token_mapping_on_real_solutions(tokenizer, g
         runs = [0] + [t for t in range(1, len(ids)) if raw[t] != raw[t - 1]]
         assert list(layout.boundaries) == runs
         assert len(layout.boundaries) == len(gsm8k_task.split_steps(text))
+
+
+@pytest.mark.parametrize("sampler_name", ["hf", "prefix_sharing"])
+def test_mc_rollouts_ask_only_for_the_room_left_after_the_prefix(tokenizer, small_model, sampler_name):
+    """VinePPO's MC rollouts from a prefix of L response tokens generate at most budget − L tokens
+    (issue 11 §4); the env would truncate there anyway, so the values are unchanged in law."""
+    from algos.samplers.hf import HFSampler
+    from algos.samplers.prefix_sharing import PrefixSharingSampler
+
+    base = {"hf": HFSampler, "prefix_sharing": PrefixSharingSampler}[sampler_name]
+
+    class Recording(base):  # the real sampler, recording what it returned for which prompt
+        def generate(self, prompts, params, seed=None, **kwargs):
+            out = super().generate(prompts, params, seed=seed, **kwargs)
+            self.seen.extend((len(p), len(c.token_ids)) for p, group in zip(prompts, out) for c in group)
+            return out
+
+    budget = 20
+    task = ToyTask()
+    env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=budget)
+    sampler = Recording(small_model, tokenizer, max_batch_size=32)
+    sampler.seen = []
+    ctx = TrainContext(task, env, sampler, small_model, clone_reference(small_model), tokenizer, seed=0)
+    algo = make_algo(ctx, samples_per_prompt=2, mc_rollouts=3, max_new_tokens=budget, temperature=1.0, top_p=1.0)
+    params = algo.config.sampling.params(2, task.stop_strings)
+    episodes = collect_episodes(env, sampler, env.problems, params, seed=0)
+    # MC states at 0, 5, 10 and 15 response tokens of each episode (a random model writes few lines)
+    layouts = [step_layout(e, tokenizer, lambda text: [text]) for e in episodes]
+    layouts = [type(l)((0, 5, 10, 15), tuple(min(t // 5, 3) for t in range(len(e.response_ids))))
+               for l, e in zip(layouts, episodes)]
+    assert all(len(e.response_ids) == budget for e in episodes)  # (the random model never stops)
+    prompt_len = len(episodes[0].prompt_ids)
+    sampler.seen = []
+    values, stats = algo.estimate_values(episodes, layouts, 0)
+    assert stats["unique_states"] == 1 + 3 * len(episodes)
+    rooms = {budget - (n - prompt_len) for n, _ in sampler.seen}
+    assert rooms == {20, 15, 10, 5}
+    longest: dict[int, int] = {}
+    for n, generated in sampler.seen:
+        room = budget - (n - prompt_len)
+        assert generated <= room  # never a token past the room the prefix leaves
+        longest[room] = max(longest.get(room, 0), generated)
+    assert longest == {r: r for r in rooms}  # (rows that do not stop run exactly to their room)
+    assert all(len(v) == 4 and all(0.0 <= x <= 1.0 for x in v) for v in values)

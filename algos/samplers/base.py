@@ -77,7 +77,9 @@ class Completion:
 
     Attributes:
         token_ids: generated tokens. Includes EOS if the model emitted it; on a stop-string hit
-            it ends right after the token that completes the stop string; never padding.
+            it ends right after the token that completes the stop string (the environment then
+            cuts the episode before the stop string and appends EOS:
+            `langenv.env.LanguageEnv.step_states`); never padding.
         logprobs: one per token of ``token_ids`` (nats): log-prob under
             ``softmax(logits / temperature)`` without top-p renormalisation; plain
             ``log_softmax(logits)`` for greedy decoding.
@@ -124,20 +126,29 @@ def copy_weights(target, source) -> None:
 
 
 def prompt_caps(prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                max_context: int | None) -> tuple[list[list[int]], list[int]]:
-    """The prompts as int lists, and each one's generation cap: ``max_new_tokens``, cut so that
-    prompt + completion fits ``max_context`` (0 when the prompt fills it exactly).
+                max_context: int | None, budgets: Sequence[int] | None = None) -> tuple[list[list[int]], list[int]]:
+    """The prompts as int lists, and each one's generation cap (tokens): ``max_new_tokens``, or the
+    prompt's own budget ``budgets[i]`` when smaller, cut so that prompt + completion fits
+    ``max_context`` (0 when the prompt fills it exactly, or its budget is 0).
 
     Raises:
         ValueError: an empty prompt, or one longer than ``max_context`` (naming its index, its
-            length and the limit).
+            length and the limit); ``budgets`` of the wrong length or with a value that is not an
+            int >= 0.
     """
     prompts = [[int(t) for t in p] for p in prompts]
+    if budgets is not None:
+        budgets = list(budgets)
+        if len(budgets) != len(prompts):
+            raise ValueError(f"budgets: expected one per prompt ({len(prompts)}), got {len(budgets)}")
+        for i, b in enumerate(budgets):
+            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+                raise ValueError(f"budgets[{i}]: expected an int >= 0 (tokens), got {b!r}")
     caps = []
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. BOS)")
-        cap = max_new_tokens
+        cap = max_new_tokens if budgets is None else min(max_new_tokens, budgets[i])
         if max_context is not None:
             if len(p) > max_context:
                 raise ValueError(f"prompt {i} has {len(p)} tokens, more than the context limit "
@@ -201,7 +212,8 @@ class Sampler(Protocol):
     """What every algorithm samples through."""
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None,
+        budgets: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """Sample ``params.n`` completions for each prompt.
 
@@ -209,6 +221,10 @@ class Sampler(Protocol):
             prompts: token-id lists, already containing BOS if the model wants one.
             params: sampling settings.
             seed: same seed, same prompts and same weights give identical completions.
+            budgets: optional, one per prompt: the most new tokens for that prompt (tokens, >= 0),
+                below ``params.max_new_tokens`` (the smaller of the two applies), e.g. the room a
+                partial response leaves (`algos.rollout.continue_states`). Optional in the protocol:
+                `continue_states` checks whether a sampler's ``generate`` takes it.
 
         Returns:
             ``result[i]`` is the list of ``params.n`` completions of ``prompts[i]``.

@@ -89,6 +89,19 @@ class _StopOnGeneratedText(StoppingCriteria):
         return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
 
 
+class _StopAtCaps(StoppingCriteria):
+    """Stops each row once it has generated its own cap of tokens (rows of one batch may have
+    different caps; the batch runs for the largest)."""
+
+    def __init__(self, caps: list[int], prompt_width: int):
+        self.caps = caps
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        n = input_ids.shape[1] - self.prompt_width
+        return torch.tensor([n >= c for c in self.caps], dtype=torch.bool, device=input_ids.device)
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -130,23 +143,27 @@ class HFSampler:
         copy_weights(self.model, model)
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None,
+        budgets: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """Sample ``params.n`` completions per prompt; see `Sampler.generate`.
+        """Sample ``params.n`` completions per prompt; see `Sampler.generate` (``budgets``: per-prompt
+        caps; a row stops at its own cap, rows of different caps share a batch).
 
         Raises:
             ValueError: an empty prompt, or a prompt longer than ``max_context`` (naming its
-                index, its length and the limit).
+                index, its length and the limit); bad ``budgets`` (`prompt_caps`).
         """
-        prompts, caps = prompt_caps(prompts, params.max_new_tokens, self.max_context)
+        _, room = prompt_caps(prompts, params.max_new_tokens, self.max_context)
+        prompts, caps = prompt_caps(prompts, params.max_new_tokens, self.max_context, budgets)
 
         # One row per (prompt, sample). Longest prompts first; rows that share a length share a
-        # cap, so cutting chunks where the cap changes keeps every row within its own cap.
+        # context room, so cutting chunks where the room changes keeps every row within the
+        # context. Within a chunk each row stops at its own cap (`_StopAtCaps`).
         rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
         rows.sort(key=lambda r: -len(prompts[r[0]]))
         chunks: list[list[tuple[int, int]]] = []
         for r in rows:
-            if chunks and len(chunks[-1]) < self.max_batch_size and caps[chunks[-1][0][0]] == caps[r[0]]:
+            if chunks and len(chunks[-1]) < self.max_batch_size and room[chunks[-1][0][0]] == room[r[0]]:
                 chunks[-1].append(r)
             else:
                 chunks.append([r])
@@ -161,7 +178,7 @@ class HFSampler:
                     torch.manual_seed(seed)
                 for chunk in chunks:
                     chunk_prompts = [prompts[i] for i, _ in chunk]
-                    outs = self._generate_chunk(chunk_prompts, params, caps[chunk[0][0]])
+                    outs = self._generate_chunk(chunk_prompts, params, [caps[i] for i, _ in chunk])
                     for (i, j), c in zip(chunk, outs):
                         results[i][j] = c
         finally:
@@ -170,8 +187,9 @@ class HFSampler:
 
     # ----------------------------------------------------------------------------------------
 
-    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, cap: int) -> list[Completion]:
-        if cap == 0:  # the prompt fills the context exactly: nothing can be generated
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, caps: list[int]) -> list[Completion]:
+        cap = max(caps)
+        if cap == 0:  # the prompt fills the context exactly (or no budget): nothing can be generated
             return [Completion([], [], "length", "") for _ in prompts]
         device = self.model.device
         width = max(len(p) for p in prompts)
@@ -199,6 +217,8 @@ class HFSampler:
         stash = _StashLogSoftmax(params.temperature)
         gather = _GatherChosenLogprob(stash)
         criteria = StoppingCriteriaList([gather])
+        if min(caps) < cap:
+            criteria.append(_StopAtCaps(caps, width))
         stop_check = None
         if params.stop_strings:
             stop_check = _StopOnGeneratedText(self.tokenizer, params.stop_strings, width, len(prompts))
@@ -224,7 +244,8 @@ class HFSampler:
         n_steps = generated.shape[1]
         logprobs = torch.stack(gather.steps[:n_steps], dim=1).cpu() if n_steps else torch.zeros(len(prompts), 0)
         hits = stop_check.first_hit if stop_check is not None else [None] * len(prompts)
-        return [
-            finish_completion(self.tokenizer, self.eos_id, generated[r].tolist(), logprobs[r].tolist(),
+        hits = [h if h is not None and h <= c else None for h, c in zip(hits, caps)]
+        return [  # each row cut to its own cap first (past it: padding, or tokens of a longer-capped batch)
+            finish_completion(self.tokenizer, self.eos_id, generated[r, :caps[r]].tolist(), logprobs[r, :caps[r]].tolist(),
                               params.stop_strings, hits[r]) for r in range(len(prompts))
         ]

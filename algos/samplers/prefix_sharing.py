@@ -294,23 +294,25 @@ class PrefixSharingSampler:
     # ----------------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None,
+        budgets: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """Sample ``params.n`` completions per prompt; see `algos.samplers.base.Sampler.generate`.
+        """Sample ``params.n`` completions per prompt; see `algos.samplers.base.Sampler.generate`
+        (``budgets``: per-prompt caps; every row already stops at its own cap).
 
         Raises:
             ValueError: an empty prompt, or a prompt longer than ``max_context`` (naming its
-                index, its length and the limit).
+                index, its length and the limit); bad ``budgets`` (`prompt_caps`).
         """
-        prompts, caps = prompt_caps(prompts, params.max_new_tokens, self.max_context)
+        prompts, caps = prompt_caps(prompts, params.max_new_tokens, self.max_context, budgets)
 
-        # Distinct prompts; each owns the rows (i, j) of every occurrence i and sample j.
-        owner: dict[tuple[int, ...], int] = {}
+        # Distinct (prompt, cap) pairs; each owns the rows (i, j) of every occurrence i and sample j.
+        owner: dict[tuple[tuple[int, ...], int], int] = {}
         unique: list[tuple[int, ...]] = []
         rows_of: list[list[tuple[int, int]]] = []
         for i, p in enumerate(prompts):
             key = tuple(p)
-            u = owner.setdefault(key, len(unique))
+            u = owner.setdefault((key, caps[i]), len(unique))
             if u == len(unique):
                 unique.append(key)
                 rows_of.append([])

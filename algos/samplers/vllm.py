@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from algos.samplers.base import Completion, SamplingParams, stop_string_end
+from algos.samplers.base import Completion, SamplingParams, prompt_caps, stop_string_end
 
 __all__ = ["VLLMSampler", "make_vllm_sampler"]
 
@@ -260,23 +260,16 @@ class VLLMSampler:
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight update (requests still running?)")
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int | None = None,
+        budgets: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """Sample ``params.n`` completions per prompt; see `algos.samplers.base.Sampler.generate`.
+        """Sample ``params.n`` completions per prompt; see `algos.samplers.base.Sampler.generate`
+        (``budgets``: per-prompt caps, each request's ``max_tokens``).
 
         Raises:
-            ValueError: an empty prompt, or a prompt longer than ``max_context``.
+            ValueError: an empty prompt, or a prompt longer than ``max_context``; bad ``budgets``.
         """
-        prompts = [[int(t) for t in p] for p in prompts]
-        caps = []
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. BOS)")
-            if len(p) > self.max_context:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens, more than the context limit max_context={self.max_context}"
-                )
-            caps.append(min(params.max_new_tokens, self.max_context - len(p)))
+        prompts, caps = prompt_caps(prompts, params.max_new_tokens, self.max_context, budgets)
 
         greedy = params.temperature == 0
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]

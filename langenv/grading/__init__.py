@@ -51,6 +51,11 @@ Extraction (`extract_answer`; inputs are cut at the first end-of-turn token such
       "no_answer". Consequence: a completion without any marker whose last number equals the
       answer is graded correct. The GSM8K/MATH SFT targets always carry a marker, and the
       environment does not grade truncated episodes.
+    * STRICT GSM8K (kind "gsm8k_strict", the grading kind of the gsm8k and arithmetic tasks, hence
+      of every training and evaluation reward on them): only the last ``#### ..`` line counts; a
+      completion without ``####`` is "no_answer" (reward 0), as in the VinePPO paper's code
+      (McGill-NLP/VinePPO, tasks/gsm8k.py). The reference is read, and the numbers compared, as
+      for "gsm8k". `is_correct` / `grade_batch` with kind "gsm8k" (or None) stay lenient.
 
 Policies for the contested categories of ``shared/testdata/grader_cases.jsonl``:
     * Lists (commas, ';', "and"/"or", several joined boxes) are UNORDERED SETS: every reference

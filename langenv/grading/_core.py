@@ -14,7 +14,7 @@ from langenv.grading import _extract as X
 from langenv.grading import _text as T
 
 STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "invalid", "error")
-KINDS: tuple[str, ...] = ("gsm8k", "math")
+KINDS: tuple[str, ...] = ("gsm8k", "math", "gsm8k_strict")
 
 
 class GradingError(RuntimeError):
@@ -50,8 +50,9 @@ def detect_kind(reference: str) -> str:
 
 def extract_answer(text: str, kind: str) -> str | None:
     """The final answer of a completion or of a reference (solution, rationale or bare answer),
-    as a raw string, or None when there is none. ``kind`` is "gsm8k" or "math" (the rules are the
-    same today; the argument keeps the door open for per-task rules). Never raises for a str."""
+    as a raw string, or None when there is none. ``kind`` "gsm8k" and "math" share the lenient
+    rules; "gsm8k_strict" reads only the last ``#### ..`` line (None without one: the VinePPO
+    paper's GSM8K rule). Never raises for a str."""
     return X.extract(text, kind)
 
 
@@ -166,14 +167,17 @@ def _grade(completion: str, reference: str, kind: str | None, symbolic: bool) ->
         return _g("invalid")
     if kind not in KINDS:
         kind = detect_kind(reference)
-    gold = X.extract(reference, kind)
+    # gsm8k_strict: only the completion's extraction is strict; references (often a bare answer)
+    # and the comparison follow "gsm8k"
+    base = "gsm8k" if kind == "gsm8k_strict" else kind
+    gold = X.extract(reference, base)
     if not gold or not T.canon(gold):
         return _g("invalid")
     pred = X.extract(completion, kind)
     if not pred or not T.canon(pred):
         return _g("no_answer")
     try:
-        return _g(_compare(gold, pred, kind, symbolic))
+        return _g(_compare(gold, pred, base, symbolic))
     except T.Refused:
         return _g("invalid")
 
@@ -181,7 +185,8 @@ def _grade(completion: str, reference: str, kind: str | None, symbolic: bool) ->
 def grade(completion: str, reference: str, kind: str | None = None) -> Grade:
     """Grade one completion in this process (see the module docstring for the rules/statuses).
 
-    ``kind`` is "gsm8k" or "math"; None (or anything else) means `detect_kind(reference)`.
+    ``kind`` is "gsm8k", "gsm8k_strict" (a completion without a ``#### ..`` line is "no_answer") or
+    "math"; None (or anything else) means `detect_kind(reference)`.
     Never returns "error". Raises `GradingError` only when sympy / math-verify cannot be imported;
     otherwise never raises for str inputs (a non-str input is "invalid"). math-verify's 1 s alarms run only
     in the main thread; in another thread a symbolic check can hang, and in any thread a C-level

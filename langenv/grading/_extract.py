@@ -193,9 +193,24 @@ def _strip_delims(ans: str | None) -> str | None:
 def extract(text: str, kind: str) -> str | None:
     """Final answer string of a completion or reference (see `langenv.grading.extract_answer`).
 
-    ``kind`` is accepted for per-task rules; GSM8K and MATH use the same rules today."""
-    del kind
+    GSM8K ("gsm8k") and MATH use the same lenient rules; "gsm8k_strict" only reads the last
+    ``#### ..`` line (`hashes_answer`)."""
+    if kind == "gsm8k_strict":
+        return _strip_delims(hashes_answer(text))
     return _strip_delims(_extract(text))
+
+
+def hashes_answer(text: str) -> str | None:
+    """The answer on the last ``#### ..`` line, or None when there is no ``####`` (or nothing
+    after it): the VinePPO paper's GSM8K extraction (McGill-NLP/VinePPO, tasks/gsm8k.py,
+    ``use_original_format``: no ``####`` means no answer, reward 0), here with the rest of that
+    line read as `_extract` reads a ``####`` line."""
+    text = cap(text)
+    hashes = list(_HASHES.finditer(text))
+    if not hashes:
+        return None
+    ans = _pick(text[hashes[-1].end():].split("\n", 1)[0], bare_words=3)
+    return ans.strip() if ans else None
 
 
 def _extract(text: str) -> str | None:

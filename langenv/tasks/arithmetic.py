@@ -11,7 +11,7 @@ result; the solution spells out one operation per line, in GSM8K's answer format
 
 There is no operator precedence to get wrong: each line applies exactly one operation to the
 result of the line before. Prompt, SFT target (``"\\n"`` + solution), stop strings, grading
-("gsm8k": exact comparison of the ``#### N`` number) and steps (one per line, the ``####`` line
+("gsm8k_strict": exact comparison of the ``#### N`` number, 0 without one) and steps (one per line, the ``####`` line
 merged into the last) are GSM8K's, so every algorithm runs on it unchanged; a response of a
 problem with ``k`` operations has ``k`` steps.
 
@@ -95,6 +95,10 @@ class ArithmeticTask:
         seed: seeds the generation of every split (int >= 0). Default 0.
         train_size, validation_size, test_size: problems per split (ints >= 1). Default 20,000,
             500 and 2,000.
+        lenient_grading: False (default): as GSM8K in the VinePPO paper, a response without a
+            ``#### N`` line scores 0 (grading kind "gsm8k_strict"); True: the lenient "gsm8k" kind
+            (also "the answer is N", a box or the last number; see `langenv.grading`). Not a
+            generation knob: the problems do not depend on it.
 
     Problems have ids ``"arithmetic/<split>/<i>"`` and ``meta == (("num_ops", "<k>"),)``.
 
@@ -105,7 +109,7 @@ class ArithmeticTask:
     """
 
     name = "arithmetic"
-    grading_kind = "gsm8k"
+    grading_kind = "gsm8k_strict"
     stop_strings = VINEPPO_STOP
 
     def __init__(
@@ -120,7 +124,9 @@ class ArithmeticTask:
         train_size: int = 20000,
         validation_size: int = 500,
         test_size: int = 2000,
+        lenient_grading: bool = False,
     ) -> None:
+        self.grading_kind = "gsm8k" if lenient_grading else "gsm8k_strict"
         self.min_ops = _check_int("min_ops", min_ops, 1)
         self.max_ops = _check_int("max_ops", max_ops, self.min_ops)
         self.min_operand = _check_int("min_operand", min_operand, 0)
@@ -140,7 +146,8 @@ class ArithmeticTask:
     def __repr__(self) -> str:
         names = ("min_ops", "max_ops", "min_operand", "max_operand", "operators", "seed",
                  "train_size", "validation_size", "test_size")
-        return "ArithmeticTask(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self.knobs)) + ")"
+        lenient = ", lenient_grading=True" if self.grading_kind == "gsm8k" else ""
+        return "ArithmeticTask(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self.knobs)) + lenient + ")"
 
     def load(self, split: str) -> list[Problem]:
         if split not in SPLITS:

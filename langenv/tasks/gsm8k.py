@@ -3,7 +3,8 @@
 Prompt: ``"[MATH_TASK] Problem:\\n{question}\\n\\nSolution:"``; the SFT target is ``"\\n"`` plus the
 reference rationale with calculator annotations ``<<...>>`` removed, ending in ``#### N``
 (McGill-NLP/VinePPO, tasks/gsm8k.py with use_original_format). Steps are lines, the answer line
-merged into the last step.
+merged into the last step. Grading follows the paper: only a ``#### N`` line is an answer (grading
+kind "gsm8k_strict"; ``lenient_grading=True`` for the lenient "gsm8k" rules).
 """
 
 from __future__ import annotations
@@ -29,14 +30,18 @@ class GSM8KTask:
     Args:
         source: None for the packaged data, or a local path / hub dataset id (see
             `langenv.data.load_split`).
+        lenient_grading: False (default): the paper's rule, a response without a ``#### N`` line
+            scores 0 (grading kind "gsm8k_strict"); True: also read "the answer is N", a box or
+            the last number (kind "gsm8k", see `langenv.grading`).
     """
 
     name = "gsm8k"
-    grading_kind = "gsm8k"
+    grading_kind = "gsm8k_strict"
     stop_strings = VINEPPO_STOP
 
-    def __init__(self, source: str | None = None) -> None:
+    def __init__(self, source: str | None = None, lenient_grading: bool = False) -> None:
         self.source = source
+        self.grading_kind = "gsm8k" if lenient_grading else "gsm8k_strict"
 
     def load(self, split: str) -> list[Problem]:
         return _load(split, self.source)
