@@ -124,6 +124,7 @@ class GRPO:
         update: dict[str, float] = {"optimizer_steps": 0.0}
         schedule_start = self.scheduler.last_epoch
         if train_eps:
+            ctx.observe_advantages(iteration, train_eps, per_token)
             update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, train_eps, per_token,
                                   self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
             ctx.sampler.update_weights(ctx.policy)

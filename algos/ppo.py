@@ -460,6 +460,8 @@ class PPO:
         advantages, returns = core.decoupled_gae(rewards, old_values, mask, cfg.gamma, lam_actor, lam_critic)
         per_episode = [advantages[i][batch["response_mask"][i]].tolist() for i in range(len(episodes))]
         t3 = time.perf_counter()
+        ctx.observe_advantages(iteration, episodes, per_episode,
+                               [old_values[i][batch["response_mask"][i]].tolist() for i in range(len(episodes))])
         # the critic replays the actor's shuffle, so both train on the same mini-batches
         shuffle_state = ctx.generator.get_state()
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_episode,

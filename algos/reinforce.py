@@ -80,6 +80,7 @@ class REINFORCE:
         batch_mean = float(total[0] / total[1])
         baseline = batch_mean if self.baseline is None else self.baseline
         per_token = [[e.reward - baseline] * len(e.response_ids) for e in episodes]
+        ctx.observe_advantages(iteration, episodes, per_token)
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,
                               self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
         ctx.sampler.update_weights(ctx.policy)

@@ -116,6 +116,7 @@ class RLOO:
         rewards = (scores - cfg.actor.kl_coef * kl).view(len(problems), k)
         advantages = core.leave_one_out_advantages(rewards).flatten().tolist()
         per_token = [[a] * len(e.response_ids) for a, e in zip(advantages, episodes)]
+        ctx.observe_advantages(iteration, episodes, per_token)
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,
                               self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist, old_logprobs=old_logp)
         ctx.sampler.update_weights(ctx.policy)

@@ -107,6 +107,7 @@ class VinePPO:
         values, mc = self.estimate_values(episodes, layouts, iteration)
         t2 = time.perf_counter()
         advantages = [token_advantages(layout, v, e.reward) for e, layout, v in zip(episodes, layouts, values)]
+        ctx.observe_advantages(iteration, episodes, advantages)
         update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, advantages,
                               self.actor, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
         ctx.sampler.update_weights(ctx.policy)

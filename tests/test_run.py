@@ -76,3 +76,21 @@ def test_unknown_algorithm_is_a_usage_error_listing_the_choices(capsys):
         main(["algo:trpo"])
     err = capsys.readouterr().err
     assert "algo:grpo" in err and "algo:restem" in err
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_mc_diagnostics_are_logged_without_changing_the_run(algo, tmp_path, guess_model_dir):
+    def run(out, extra):
+        main([f"algo:{algo}", "--task", "guess", "--model", str(guess_model_dir), "--iterations", "2", "--out", str(out),
+              "--wandb", "disabled", "--prompts-per-iteration", "2", "--max-new-tokens", "16", "--eval-problems", "2",
+              "--eval-every", "2", "--canary-problems", "0", *SMALL[algo].split(), *extra])
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    plain = run(tmp_path / "plain", [])
+    diag = run(tmp_path / "diag", ["--mc-diagnostics-every", "1", "--mc-diagnostics-states", "4",
+                                   "--mc-diagnostics-k", "2"])
+    assert all("mc_diag/states" in r and r["tokens/mc_diagnostics"] > 0 for r in diag[1:])
+    assert ("mc_diag/value_mae" in diag[1]) == (algo == "ppo")  # only PPO has a critic
+    # the diagnostics sample with their own seeds: the training itself is unchanged
+    for a, b in zip(plain[1:], diag[1:]):
+        assert a["train/reward"] == b["train/reward"] and a["update/loss"] == b["update/loss"]

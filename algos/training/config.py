@@ -44,6 +44,14 @@ class RunConfig:
     """Learnability sampling: candidates per chosen problem (paper: 4)."""
     learnability_attempts: int = 8
     """Learnability sampling: rollouts per candidate to estimate its success rate p̂ (paper: 8)."""
+    mc_diagnostics_every: int = 0
+    """Every this many iterations, estimate Monte-Carlo values of the step-boundary states of a sample
+    of the iteration's episodes and log how the algorithm's advantages (and PPO's critic) agree with
+    them (`algos.training.mc_diagnostics`); 0: off."""
+    mc_diagnostics_states: int = 32
+    """MC diagnostics: about this many step-boundary states per diagnosis."""
+    mc_diagnostics_k: int = 8
+    """MC diagnostics: continuations per state."""
     eval_every: int = 4
     """Evaluate on the test split every this many iterations (and always before and after)."""
     eval_problems: int = 100
@@ -98,7 +106,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
-        for name in ("train_problems", "eval_every", "eval_problems", "save_every", "max_nonfinite_updates",
+        for name in ("mc_diagnostics_every", "train_problems", "eval_every", "eval_problems", "save_every", "max_nonfinite_updates",
                      "canary_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
@@ -107,6 +115,9 @@ class RunConfig:
         if self.learnability_attempts < 2:
             raise ValueError(f"learnability_attempts: expected >= 2 (one attempt gives p̂ of 0 or 1), got "
                              f"{self.learnability_attempts}")
+        if self.mc_diagnostics_states < 1 or self.mc_diagnostics_k < 1:
+            raise ValueError(f"mc_diagnostics_states and mc_diagnostics_k: expected >= 1, got "
+                             f"{self.mc_diagnostics_states} and {self.mc_diagnostics_k}")
         if self.eval_sampled_samples < 1:
             raise ValueError(f"eval_sampled_samples: expected >= 1, got {self.eval_sampled_samples}")
         if self.eval_samples < 1:

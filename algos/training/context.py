@@ -21,7 +21,7 @@ the policy and the frozen reference, the tokenizer, seeds and the data-parallel 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +46,21 @@ class TrainContext:
     generator: torch.Generator = field(default_factory=torch.Generator)
     dist: Dist = field(default_factory=Dist)
     """This process's data-parallel group (world size 1 unless launched with accelerate/torchrun)."""
+    advantage_observers: list[Callable[..., None]] = field(default_factory=list)
+    """Plug-ins that look at the advantages an algorithm is about to train on (see
+    `observe_advantages`; e.g. `algos.training.mc_diagnostics.MCDiagnostics`)."""
 
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+    def observe_advantages(self, iteration: int, episodes: Sequence, advantages: Sequence[Sequence[float]],
+                           values: Sequence[Sequence[float]] | None = None) -> None:
+        """Called by an algorithm just before its update with the episodes it trains on, one list of
+        per-token advantages per episode (before whitening) and, with a critic, one list of per-token
+        values V(s_t); hands them to the registered plug-ins (none by default: then a no-op)."""
+        for observer in self.advantage_observers:
+            observer(iteration, episodes, advantages, values)
 
     def seed_for(self, iteration: int, purpose: str) -> int:
         """A distinct, reproducible seed per (run seed, iteration, purpose), and per rank when

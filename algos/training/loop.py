@@ -48,6 +48,7 @@ from algos.training.context import Algorithm, TrainContext
 from algos.training.distributed import Dist
 from algos.training.distributed import current as current_dist
 from algos.training.evaluation import evaluate, kl_to_reference, sampled_metrics
+from algos.training.mc_diagnostics import MCDiagnostics
 from algos.training.prompts import PromptSampler, make_prompt_sampler
 from algos.training.run_control import (
     RESUMABLE_CHANGES,
@@ -90,6 +91,7 @@ class _Run:
     ctx: TrainContext
     algorithm: Algorithm
     prompts: PromptSampler
+    diagnostics: MCDiagnostics | None = None
     wandb_run: Any = None
     start: float = 0.0
     """`time.perf_counter()` at the (virtual) start of the run: a resumed run counts its earlier time."""
@@ -181,8 +183,13 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     algorithm = build(algo_config, ctx, run.iterations)
     prompts = make_prompt_sampler(run.prompt_sampler, ctx, algo_config.sampling, run.learnability_pool_factor,
                                   run.learnability_attempts)
+    diagnostics = None
+    if run.mc_diagnostics_every:
+        diagnostics = MCDiagnostics(ctx, algo_config.sampling, run.mc_diagnostics_every, run.mc_diagnostics_states,
+                                    run.mc_diagnostics_k)
+        ctx.advantage_observers.append(diagnostics.observe)
     return _Run(run, algo_name, algo_config, out, dist, config_dump, resume, task, policy, reference, tokenizer,
-                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm, prompts)
+                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm, prompts, diagnostics)
 
 
 def _warn_changed_settings(out: Path, algo_name: str, config_dump: dict) -> None:
@@ -290,7 +297,10 @@ def _loop(r: _Run, state: dict[str, Any]) -> None:
         for it in tqdm(range(state["iteration"], stop_at), desc=f"{r.algo_name} iterations", unit="it",
                        initial=state["iteration"], total=run.iterations):
             problems, prompt_metrics = r.prompts.select(r.train_problems, r.algo_config.sampling.prompts_per_iteration, it)
-            metrics = combine_ranks(dist, {**r.algorithm.iteration(dist.shard(problems), it), **prompt_metrics})
+            metrics = {**r.algorithm.iteration(dist.shard(problems), it), **prompt_metrics}
+            if r.diagnostics is not None:
+                metrics.update(r.diagnostics.pop_metrics())
+            metrics = combine_ranks(dist, metrics)
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
             done = it + 1
