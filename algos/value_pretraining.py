@@ -67,7 +67,7 @@ if TYPE_CHECKING:  # algos.ppo imports this module for its config
     from algos.training.context import TrainContext
 
 __all__ = ["ValuePretrainConfig", "PLATEAU_TOLERANCE", "cache_key", "heldout_split", "monte_carlo_returns",
-           "value_loss", "evaluate_critic", "pretrain_critic"]
+           "value_loss", "evaluate_critic", "stop_reason", "pretrain_critic"]
 
 #: Relative improvement of the held-out loss that counts as progress for the plateau rule.
 PLATEAU_TOLERANCE = 0.01
@@ -200,6 +200,30 @@ def evaluate_critic(critic: ValueModel, batch: dict[str, Tensor], returns: Tenso
     return value_loss(values, returns, mask), explained_variance(values, returns, mask)
 
 
+def stop_reason(ev: float, stale: int, steps: int, round_steps: int, pre: ValuePretrainConfig) -> str | None:
+    """The stopping rule, checked after each round: why to stop, or None to run another round.
+
+    Args:
+        ev: the held-out explained variance after the round.
+        stale: rounds in a row whose held-out loss was not below ``(1 − PLATEAU_TOLERANCE) ×`` the
+            best loss before them.
+        steps: critic optimiser steps so far; round_steps: those of this round (0: every mini-batch
+            was skipped as non-finite, so training cannot continue).
+    Returns:
+        ``"no finite update"``, ``"target explained variance"``, ``"plateau"``, ``"budget"`` (in this
+        order of precedence) or None.
+    """
+    if round_steps == 0:
+        return "no finite update"
+    if ev >= pre.value_pretrain_target_ev:
+        return "target explained variance"
+    if pre.value_pretrain_patience and stale >= pre.value_pretrain_patience:
+        return "plateau"
+    if steps >= pre.value_pretrain_steps:
+        return "budget"
+    return None
+
+
 def _sample(ctx: TrainContext, problems: Sequence, config: PPOConfig, seed: int) -> tuple[list[Episode], dict, Tensor]:
     params = config.sampling.params(config.sampling.samples_per_prompt, ctx.task.stop_strings)
     episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=seed)
@@ -265,8 +289,8 @@ def pretrain_critic(critic: ValueModel, ctx: TrainContext, config: PPOConfig, se
     shuffle = torch.Generator().manual_seed(_seed(seed, "shuffle"))
     n_prompts = min(config.sampling.prompts_per_iteration, len(pool))
     steps = rounds = stale = 0
-    loss, ev, best, reason = loss_before, ev_before, loss_before, "budget"
-    while steps < pre.value_pretrain_steps:
+    loss, ev, best, reason = loss_before, ev_before, loss_before, None
+    while reason is None:
         problems = [pool[i] for i in draw.choice(len(pool), size=n_prompts, replace=False)]
         episodes, batch, returns = _sample(ctx, problems, config, _seed(seed, "round", rounds))
         tokens += sum(len(e.response_ids) for e in episodes)
@@ -275,19 +299,11 @@ def pretrain_critic(critic: ValueModel, ctx: TrainContext, config: PPOConfig, se
         rounds += 1
         steps += int(stats["optimizer_steps"])
         loss, ev = evaluate_critic(critic, held_batch, held_returns, settings.micro_batch_size, settings.bf16_autocast)
-        if stats["optimizer_steps"] == 0:
-            reason = "no finite update"
-            break
-        if ev >= pre.value_pretrain_target_ev:
-            reason = "target explained variance"
-            break
-        if loss < best * (1 - PLATEAU_TOLERANCE):
+        if loss < best * (1 - PLATEAU_TOLERANCE):  # best moves only on a real improvement (as Keras EarlyStopping)
             best, stale = loss, 0
         else:
             stale += 1
-        if pre.value_pretrain_patience and stale >= pre.value_pretrain_patience:
-            reason = "plateau"
-            break
+        reason = stop_reason(ev, stale, steps, int(stats["optimizer_steps"]), pre)
     metrics = {
         "value_pretrain/explained_variance_before": ev_before, "value_pretrain/explained_variance_after": ev,
         "value_pretrain/loss_before": loss_before, "value_pretrain/loss_after": loss,
