@@ -41,9 +41,11 @@ class AlgorithmEntry:
 def vc_ppo_cpu_tiny() -> PPOConfig:
     """VC-PPO (Yuan et al. 2025, arXiv 2503.01491) on the CPU tiny setting: PPO's `PPOConfig.cpu_tiny`
     with decoupled GAE (λ_actor 0.95, λ_critic 1.0, §4.2) and value pretraining (§4.1) for at most
-    32 critic steps (8 rounds of 8 x 4 samples at 4 steps each), a learning rate 10x the critic's
-    (1e-4: at 1e-5 the random head barely moves in 32 steps), stopping early on a plateau of the
-    held-out loss or at explained variance 0.9. The paper's own pretraining budget was not recovered."""
+    32 critic steps (8 rounds of 8 x 4 samples at 4 steps each: about the sampling and critic cost of
+    8 PPO iterations, paid once per policy since the result is cached), stopping early on a plateau
+    of the held-out loss or at explained variance 0.9. The learning rate, 1e-4 (10x the critic's, so a
+    freshly drawn head can move in 32 steps), is a choice not yet tuned on the tiny model; the paper's
+    own pretraining budget was not recovered (shared/reference/algorithms.md §11.7)."""
     return with_fields(PPOConfig.cpu_tiny(), lam=0.95, lam_critic=1.0, value_pretrain_steps=32,
                        value_pretrain_learning_rate=1e-4)
 
