@@ -48,9 +48,10 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -66,8 +67,17 @@ if TYPE_CHECKING:  # algos.ppo imports this module for its config
     from algos.ppo import CriticSettings, PPOConfig, ValueModel
     from algos.training.context import TrainContext
 
-__all__ = ["ValuePretrainConfig", "PLATEAU_TOLERANCE", "cache_key", "heldout_split", "monte_carlo_returns",
-           "value_loss", "evaluate_critic", "stop_reason", "pretrain_critic"]
+__all__ = [
+    "PLATEAU_TOLERANCE",
+    "ValuePretrainConfig",
+    "cache_key",
+    "evaluate_critic",
+    "heldout_split",
+    "monte_carlo_returns",
+    "pretrain_critic",
+    "stop_reason",
+    "value_loss",
+]
 
 #: Relative improvement of the held-out loss that counts as progress for the plateau rule.
 PLATEAU_TOLERANCE = 0.01

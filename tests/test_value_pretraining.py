@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import GuessTask
 
 from algos.config import with_fields
 from algos.models.policy import batch_sequences, clone_reference, load_policy
@@ -27,8 +28,6 @@ from algos.value_pretraining import (
     stop_reason,
 )
 from langenv import LanguageEnv
-
-from conftest import GuessTask
 
 
 class CountingSampler(HFSampler):
@@ -53,11 +52,11 @@ def make_ctx(model_dir, seed=0, cache_dir=None) -> TrainContext:
 
 
 def config(**overrides) -> PPOConfig:
-    base = dict(prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=16, minibatch_size=16,
-                micro_batch_size=16, critic_learning_rate=1e-3, warmup_ratio=0.0, value_pretrain_steps=16,
-                value_pretrain_heldout_prompts=8, value_pretrain_patience=0, value_pretrain_target_ev=1.0,
-                value_pretrain_cache=False)
-    return with_fields(PPOConfig(), **{**base, **overrides})
+    base = with_fields(PPOConfig(), prompts_per_iteration=8, samples_per_prompt=4, max_new_tokens=16,
+                       minibatch_size=16, micro_batch_size=16, critic_learning_rate=1e-3, warmup_ratio=0.0,
+                       value_pretrain_steps=16, value_pretrain_heldout_prompts=8, value_pretrain_patience=0,
+                       value_pretrain_target_ev=1.0, value_pretrain_cache=False)
+    return with_fields(base, **overrides)
 
 
 def critic_for(ctx: TrainContext, cfg: PPOConfig) -> tuple[PPO, ValueModel]:
