@@ -67,6 +67,7 @@ from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
 from algos.training.checks import check_finite, check_fraction, check_positive, check_types
 from algos.training.context import TrainContext
+from algos.value_pretraining import ValuePretrainConfig, pretrain_critic
 
 __all__ = ["PPO", "CriticSettings", "PPOConfig", "ValueModel", "compute_values", "critic_update", "explained_variance",
            "terminal_rewards"]
@@ -104,6 +105,8 @@ class PPOConfig:
     lam_adaptive_alpha: float | None = None
     """VAPO's length-adaptive λ of the advantages, 1 − 1/(α·l) per response of l tokens (arXiv
     2504.05118; α = 0.05), replacing ``lam``; None: off."""
+    value_pretrain: ValuePretrainConfig = field(default_factory=ValuePretrainConfig)
+    """VC-PPO's value pretraining before the first policy update (`algos.value_pretraining`); off by default."""
 
     def __post_init__(self) -> None:
         """Raises TypeError / ValueError naming ``PPOConfig.<field>`` (see `algos.training.checks`)."""
@@ -148,13 +151,19 @@ class ValueModel(torch.nn.Module):
         self.backbone = backbone
         self.config = backbone.config
         param = next(backbone.parameters())
-        if head is None:
-            hidden = int(self.config.hidden_size)
-            head = torch.nn.Linear(hidden, 1, bias=True)
-            with torch.no_grad():
-                head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1), generator=generator)
-                head.bias.zero_()
+        new = head is None
+        head = torch.nn.Linear(int(self.config.hidden_size), 1, bias=True) if new else head
         self.head = head.to(device=param.device, dtype=param.dtype)
+        if new:
+            self.reset_head(generator)
+
+    def reset_head(self, generator: torch.Generator | None = None) -> None:
+        """Re-draw the head: weight ~ N(0, 1/√(H+1)) drawn in float32 on the CPU from ``generator``
+        (torch's global RNG if None), bias 0."""
+        hidden = self.head.weight.shape[1]
+        with torch.no_grad():
+            self.head.weight.copy_(torch.empty(1, hidden).normal_(0.0, 1.0 / math.sqrt(hidden + 1), generator=generator))
+            self.head.bias.zero_()
 
     @classmethod
     def from_policy(cls, policy, generator: torch.Generator | None = None) -> ValueModel:
@@ -426,13 +435,15 @@ class PPO:
             micro_batch_size=config.optim.micro_batch_size, value_clip=config.value_clip,
             grad_clip=config.optim.grad_clip, bf16_autocast=config.actor.bf16_autocast,
         )
+        self.value_pretraining_pending = config.value_pretrain.enabled  # done before the first iteration's sampling
 
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: the critic, and the optimiser and
         LR-schedule states of actor and critic."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "critic_scheduler": self.critic_scheduler.state_dict()}
+                "critic_scheduler": self.critic_scheduler.state_dict(),
+                "value_pretraining_pending": self.value_pretraining_pending}
 
     def load_state_dict(self, state: dict) -> None:
         self.critic.load_state_dict(state["critic"])
@@ -440,10 +451,15 @@ class PPO:
         self.scheduler.load_state_dict(state["scheduler"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        self.value_pretraining_pending = bool(state.get("value_pretraining_pending", False))  # older: past iteration 0
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx
         timings: dict[str, float] = {}
+        pretrain = {}
+        if self.value_pretraining_pending:  # VC-PPO: fit the critic to the initial policy first
+            pretrain = pretrain_critic(self.critic, ctx, cfg, self.critic_settings, ctx.cache_dir)
+            self.value_pretraining_pending = False
         t0 = time.perf_counter()
         params = cfg.sampling.params(cfg.sampling.samples_per_prompt, ctx.task.stop_strings)
         episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"),
@@ -496,7 +512,7 @@ class PPO:
         metrics["time/logprobs"] = update.pop("time_logprobs", 0.0)  # π_old / π_ref passes, part of time/update
         metrics.update({f"update/{k}": v for k, v in update.items()})
         metrics["update/lr"] = self.scheduler.get_last_lr()[0]
-        return metrics
+        return {**metrics, **pretrain}
 
     def save(self, path: Path) -> None:
         """Write the critic under ``path / "value_model"`` (see `ValueModel.save_pretrained`),

@@ -61,7 +61,7 @@ def test_per_algorithm_flags_are_parsed_and_checked():
 
 
 def test_unknown_algorithm_lists_the_valid_names(tmp_path):
-    with pytest.raises(SystemExit, match="valid: vineppo, ppo, grpo"):
+    with pytest.raises(SystemExit, match="valid: vineppo, ppo, vc-ppo, grpo"):
         compare.main(["--algos", "grpo", "trpo", "--out", str(tmp_path)])
 
 

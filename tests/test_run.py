@@ -22,6 +22,8 @@ from experiments.run import main  # noqa: E402
 SMALL = {
     "vineppo": "--samples-per-prompt 2 --mc-rollouts 2 --minibatch-size 4 --micro-batch-size 2 --learning-rate 1e-3",
     "ppo": "--samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 2 --learning-rate 1e-3 --critic-learning-rate 1e-3",
+    "vc-ppo": "--samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 2 --learning-rate 1e-3 --critic-learning-rate 1e-3 "
+              "--value-pretrain-steps 4 --value-pretrain-heldout-prompts 2 --value-pretrain-learning-rate 1e-3",
     "grpo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
     "rloo": "--samples-per-prompt 4 --minibatch-size 8 --micro-batch-size 4 --learning-rate 1e-3",
     "dpo-plus": "--samples-per-prompt 4 --minibatch-size 4 --micro-batch-size 4 --learning-rate 1e-3",
@@ -42,7 +44,7 @@ def test_smoke_run_changes_parameters_and_keeps_metrics_finite(algo, tmp_path, g
     summary = main([
         f"algo:{algo}", "--task", "guess", "--model", str(guess_model_dir), "--iterations", "2", "--out", str(out),
         "--wandb", "disabled", "--prompts-per-iteration", "2", "--max-new-tokens", "16", "--eval-problems", "4",
-        "--eval-every", "1", *SMALL[algo].split(),
+        "--eval-every", "1", "--cache-dir", str(tmp_path / "cache"), *SMALL[algo].split(),
     ])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
@@ -60,8 +62,20 @@ def test_smoke_run_changes_parameters_and_keeps_metrics_finite(algo, tmp_path, g
     assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), final.state_dict().values()))
     saved = json.loads((out / "summary.json").read_text())
     assert saved["algorithm"] == algo and summary["out"] == str(out) and 0.0 <= summary["accuracy_after"] <= 1.0
-    if algo == "ppo":
+    if algo in ("ppo", "vc-ppo"):
         assert (out / "final" / "value_model").is_dir()
+    if algo == "vc-ppo":  # pretrained in iteration 1 (before its sampling), cached for the next run
+        assert rows[1]["value_pretrain/steps"] >= 4 and rows[1]["value_pretrain/cached"] == 0
+        assert rows[1]["value_pretrain/loss_after"] < rows[1]["value_pretrain/loss_before"]
+        assert not any(k.startswith("value_pretrain/") for k in rows[2])
+        assert len(list((tmp_path / "cache" / "value-pretrain").iterdir())) == 1
+        again = main([f"algo:{algo}", "--task", "guess", "--model", str(guess_model_dir), "--iterations", "1",
+                      "--out", str(tmp_path / "again"), "--wandb", "disabled", "--prompts-per-iteration", "2",
+                      "--max-new-tokens", "16", "--eval-problems", "4", "--seed", "1", "--cache-dir",
+                      str(tmp_path / "cache"), *SMALL[algo].split()])
+        row = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()][1]
+        assert again["iterations"] == 1 and row["value_pretrain/cached"] == 1
+        assert row["value_pretrain/steps"] == rows[1]["value_pretrain/steps"]
 
 
 def test_existing_run_directory_is_refused(tmp_path):

@@ -21,6 +21,7 @@ the policy and the frozen reference, the tokenizer, seeds and the data-parallel 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -46,6 +47,9 @@ class TrainContext:
     generator: torch.Generator = field(default_factory=torch.Generator)
     dist: Dist = field(default_factory=Dist)
     """This process's data-parallel group (world size 1 unless launched with accelerate/torchrun)."""
+    cache_dir: Path | None = None
+    """The run's cache directory (`RunConfig.cache_dir`), for artefacts shared across runs such as
+    VC-PPO's pretrained critic; None: nothing is cached."""
     advantage_observers: list[Callable[..., None]] = field(default_factory=list)
     """Plug-ins that look at the advantages an algorithm is about to train on (see
     `observe_advantages`; e.g. `algos.training.mc_diagnostics.MCDiagnostics`)."""

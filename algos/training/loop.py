@@ -178,7 +178,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
         check_canary(env, count=run.canary_problems)
     sampler = make_sampler(run.sampler, policy, tokenizer, max_batch_size=run.sampler_batch_size,
                            max_context=context, workdir=out / "vllm")
-    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist)
+    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist, cache_dir=run.cache_dir)
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
     prompts = make_prompt_sampler(run.prompt_sampler, ctx, algo_config.sampling, run.learnability_pool_factor,
