@@ -15,7 +15,9 @@ The normalisation is a config field (`core.aggregate` modes; reference/algorithm
 2025, arXiv 2503.14476), usually with clip-higher ε_hi = 0.28; Dr. GRPO (Liu et al. 2025, arXiv
 2503.20783) is ``seq_sum_const`` (Σ_iΣ_t ℓ / (G · L_max), L_max = max_new_tokens) with
 ``scale_by_std=False`` and β = 0. ``drop_uniform_groups`` removes groups whose rewards are all equal
-(they carry no signal) from the update, DAPO's dynamic-sampling filter without the re-sampling.
+(they carry no signal) from the update, DAPO's dynamic-sampling filter without the re-sampling (the
+full DAPO dynamic sampling, which re-samples to fill the batch, is the trainer's ``--dynamic-sampling``);
+``prune_keep`` is CPPO's completion pruning (the k completions per group with the largest |Â|).
 The learning-rate schedule is sized for every response (``epochs · ceil(G · prompts / minibatch)``
 optimiser steps per iteration); optimiser steps an iteration does not take (dropped groups, or
 mini-batches the actor skips) are stepped through on the schedule afterwards
@@ -35,7 +37,7 @@ from algos import core
 from algos.actor import ActorSettings, actor_update
 from algos.config import ActorConfig, OptimConfig, SamplingConfig, advance_schedule, with_fields
 from algos.models.sft import cpu_has_fast_bf16
-from algos.rollout import collect_episodes, episode_metrics
+from algos.rollout import episode_metrics
 from algos.training.checks import check_at_least, check_types
 from algos.training.context import TrainContext
 
@@ -62,11 +64,15 @@ class GRPOConfig:
     drop_uniform_groups: bool = False
     """Leave groups with all-equal rewards out of the update (DAPO's dynamic-sampling filter); the
     optimiser steps they would have taken are skipped on the LR schedule, which still ends at 0."""
+    prune_keep: int | None = None
+    """CPPO completion pruning (Lin et al. 2025, arXiv 2503.22342): train on only the this many
+    completions per group with the largest |advantage| (their gradient weight); None: all."""
 
     def __post_init__(self) -> None:
         """Raises TypeError / ValueError naming ``GRPOConfig.<field>`` (see `algos.training.checks`)."""
         check_types(self)
         check_at_least(self, "sampling.samples_per_prompt", 2, "group-normalised advantages need a group of at least 2")
+        check_at_least(self, "prune_keep", 1)
 
     @classmethod
     def cpu_tiny(cls) -> "GRPOConfig":
@@ -76,12 +82,26 @@ class GRPOConfig:
                            bf16_autocast=cpu_has_fast_bf16())
 
 
+def prune_completions(advantages: torch.Tensor, k: int, keep: Sequence[int]) -> list[int]:
+    """CPPO's pruning (arXiv 2503.22342 §3): per group, the ``k`` completions with the largest
+    |advantage| among ``keep`` (flat indices into the (groups, G) ``advantages``; ties keep sampling
+    order), in index order."""
+    G = advantages.shape[1]
+    flat = advantages.flatten().abs().tolist()
+    by_group: dict[int, list[int]] = {}
+    for i in keep:
+        by_group.setdefault(i // G, []).append(i)
+    chosen = [i for members in by_group.values() for i in sorted(members, key=lambda i: -flat[i])[:k]]
+    return sorted(chosen)
+
+
 class GRPO:
     """Group Relative Policy Optimization: group-normalised outcome advantages + the clipped
     surrogate with a k3 KL in the loss."""
 
     name = "grpo"
     supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
+    supports_dynamic_sampling = True  # collects through ctx.collect_groups
 
     def __init__(self, config: GRPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
@@ -89,7 +109,8 @@ class GRPO:
         if config.drop_uniform_groups and ctx.dist.world_size > 1:
             raise ValueError("GRPOConfig.drop_uniform_groups: not supported with several processes (ranks would "
                              "train on different numbers of responses); turn it off or use one process")
-        episodes = config.sampling.prompts_per_iteration * config.sampling.samples_per_prompt
+        episodes = config.sampling.prompts_per_iteration * min(config.sampling.samples_per_prompt,
+                                                               config.prune_keep or config.sampling.samples_per_prompt)
         self.optimizer, self.scheduler = config.optim.build(
             ctx.policy, config.optim.steps_per_iteration(episodes) * total_iterations)
         self.settings = ActorSettings.from_configs(
@@ -109,14 +130,16 @@ class GRPO:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         G = cfg.sampling.samples_per_prompt
-        episodes = collect_episodes(ctx.env, ctx.sampler, problems, cfg.sampling.params(G, ctx.task.stop_strings),
-                                    seed=ctx.seed_for(iteration, "episodes"), timings=timings)
-        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32).view(len(problems), G)
+        episodes, collection = ctx.collect_groups(problems, cfg.sampling.params(G, ctx.task.stop_strings), iteration,
+                                                  timings)
+        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32).view(len(episodes) // G, G)
         advantages = core.group_advantages(rewards, scale_by_std=cfg.scale_by_std)
         keep = list(range(len(episodes)))
         uniform = (rewards.max(dim=1).values == rewards.min(dim=1).values)
         if cfg.drop_uniform_groups:
             keep = [i for i in keep if not uniform[i // G]]
+        if cfg.prune_keep is not None and cfg.prune_keep < G:
+            keep = prune_completions(advantages, cfg.prune_keep, keep)
         t1 = time.perf_counter()
         flat = advantages.flatten().tolist()
         train_eps = [episodes[i] for i in keep]
@@ -129,16 +152,16 @@ class GRPO:
                                   self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
             ctx.sampler.update_weights(ctx.policy)
         # this iteration's share of the schedule, whatever was dropped or skipped (module docstring)
-        planned = cfg.optim.steps_per_iteration(len(episodes))
+        planned = cfg.optim.steps_per_iteration(len(problems) * min(G, cfg.prune_keep or G))
         advanced = planned - (self.scheduler.last_epoch - schedule_start)
         advance_schedule(self.scheduler, advanced)
         t2 = time.perf_counter()
-        metrics = episode_metrics(episodes)
+        metrics = {**episode_metrics(episodes), **collection}
         metrics.update({
-            "grpo/uniform_groups": float(uniform.float().mean()),
+            "grpo/uniform_groups": float(uniform.float().mean()) if len(uniform) else 0.0,
             "grpo/trained_responses": float(len(train_eps)),
             "grpo/schedule_steps_skipped": float(max(advanced, 0)),
-            "train/advantage_abs_mean": float(advantages.abs().mean()),
+            "train/advantage_abs_mean": float(advantages.abs().mean()) if advantages.numel() else 0.0,
             "time/sampling": timings.get("generate", 0.0),
             "time/grading": timings.get("env", 0.0),
             "time/update": t2 - t1,

@@ -28,10 +28,10 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update, batch_logprobs
-from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, advance_schedule, with_fields
 from algos.models.policy import batch_sequences
 from algos.models.sft import cpu_has_fast_bf16
-from algos.rollout import collect_episodes, episode_metrics
+from algos.rollout import episode_metrics
 from algos.training.checks import check_at_least, check_types
 from algos.training.context import TrainContext
 
@@ -82,6 +82,7 @@ class RLOO:
 
     name = "rloo"
     supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
+    supports_dynamic_sampling = True  # collects through ctx.collect_groups
 
     def __init__(self, config: RLOOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
@@ -105,26 +106,32 @@ class RLOO:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         k = cfg.sampling.samples_per_prompt
-        episodes = collect_episodes(ctx.env, ctx.sampler, problems, cfg.sampling.params(k, ctx.task.stop_strings),
-                                    seed=ctx.seed_for(iteration, "episodes"), timings=timings)
+        episodes, collection = ctx.collect_groups(problems, cfg.sampling.params(k, ctx.task.stop_strings), iteration,
+                                                  timings)
         t1 = time.perf_counter()
         scores = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
         kl, old_logp = torch.zeros_like(scores), None
         if cfg.actor.kl_coef > 0:
             kl, old_logp = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.sampling.temperature, ctx.pad_token_id,
                                           cfg.optim.micro_batch_size, cfg.actor.bf16_autocast)
-        rewards = (scores - cfg.actor.kl_coef * kl).view(len(problems), k)
+        rewards = (scores - cfg.actor.kl_coef * kl).view(len(episodes) // k, k)
         advantages = core.leave_one_out_advantages(rewards).flatten().tolist()
         per_token = [[a] * len(e.response_ids) for a, e in zip(advantages, episodes)]
-        ctx.observe_advantages(iteration, episodes, per_token)
-        update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,
-                              self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist, old_logprobs=old_logp)
-        ctx.sampler.update_weights(ctx.policy)
+        update: dict[str, float] = {"optimizer_steps": 0.0}
+        schedule_start = self.scheduler.last_epoch
+        if episodes:  # dynamic sampling may keep no group
+            ctx.observe_advantages(iteration, episodes, per_token)
+            update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, per_token,
+                                  self.settings, ctx.pad_token_id, ctx.generator, dist=ctx.dist, old_logprobs=old_logp)
+            ctx.sampler.update_weights(ctx.policy)
+        # this iteration's share of the schedule even when dynamic sampling kept fewer groups
+        planned = cfg.optim.steps_per_iteration(len(problems) * k)
+        advance_schedule(self.scheduler, planned - (self.scheduler.last_epoch - schedule_start))
         t2 = time.perf_counter()
-        metrics = episode_metrics(episodes)
+        metrics = {**episode_metrics(episodes), **collection}
         metrics.update({
-            "train/advantage_abs_mean": sum(abs(a) for a in advantages) / len(advantages),
-            "rloo/sequence_kl": float(kl.mean()),
+            "train/advantage_abs_mean": sum(abs(a) for a in advantages) / max(len(advantages), 1),
+            "rloo/sequence_kl": float(kl.mean()) if kl.numel() else 0.0,
             "time/sampling": timings.get("generate", 0.0),
             "time/grading": timings.get("env", 0.0),
             "time/update": t2 - t1,

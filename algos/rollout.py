@@ -11,11 +11,12 @@ episode_generators/episode_generator_with_reward_function.py).
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
 from algos.samplers.base import Completion, Sampler, SamplingParams
 from langenv.env import LanguageEnv, StepResult
@@ -262,3 +263,65 @@ def mc_values(env: LanguageEnv, sampler: Sampler, states: Sequence[EnvState], pa
     values = {s.token_ids: sum(r.reward for r in rs) / len(rs) for s, rs in zip(states, results)}
     tokens = sum(len(r.state.response_ids) - len(s.response_ids) for s, rs in zip(states, results) for r in rs)
     return values, tokens
+
+
+def collect_mixed_groups(
+    env: LanguageEnv,
+    sampler: Sampler,
+    problems: Sequence,
+    params: SamplingParams,
+    draw: Callable[[int, int], Sequence],
+    seed_for: Callable[[int], int],
+    max_rounds: int,
+    dist=None,
+    timings: dict[str, float] | None = None,
+) -> tuple[list[Episode], dict[str, float]]:
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476 §3.2, eq. 11's constraint
+    0 < |{correct}| < G): sample ``params.n`` responses per problem, keep only the groups whose rewards
+    are not all equal, and draw more problems (the missing count divided by the keep rate so far, at
+    most 8x) until ``len(problems)`` groups are kept or ``max_rounds`` extra rounds are spent.
+
+    Args:
+        draw: ``draw(round, count)`` -> ``count`` new problems for extra round ``round`` (1, 2, ...).
+        seed_for: ``seed_for(round)`` -> the sampler seed of round ``round`` (0 for ``problems``).
+        dist: the data-parallel group (`algos.training.distributed.Dist`) or None; with several ranks
+            every rank keeps the smallest number of groups any rank kept, so their batches match.
+    Returns:
+        (episodes of the kept groups, problem-major, G per group; metrics ``dynamic/rounds``,
+        ``dynamic/groups_sampled``, ``dynamic/groups_kept``, ``dynamic/fill`` (kept / wanted),
+        ``dynamic/reward_sampled`` (mean reward of everything sampled) and
+        ``tokens/dynamic_discarded`` (tokens of the groups not kept)).
+    """
+    n, target = params.n, len(problems)
+    kept: list[list[Episode]] = []
+    sampled: list[Episode] = []
+    batch, rounds = list(problems), 0
+    while True:
+        episodes = collect_episodes(env, sampler, batch, params, seed=seed_for(rounds), timings=timings)
+        sampled += episodes
+        for g in range(len(batch)):
+            group = episodes[g * n:(g + 1) * n]
+            if max(e.reward for e in group) > min(e.reward for e in group):
+                kept.append(group)
+        rounds += 1
+        if len(kept) >= target or rounds > max_rounds:
+            break
+        # over-sample by the inverse keep rate so far (at most 8x), as DAPO samples until the batch is full
+        need, rate = target - len(kept), len(kept) / max(len(sampled) // n, 1)
+        batch = list(draw(rounds, min(math.ceil(need / max(rate, 1 / 8)), 8 * need)))
+        if not batch:
+            break
+    count = min(len(kept), target)
+    if dist is not None and dist.world_size > 1:
+        count = min(dist.all_gather_object(count))
+    chosen = [e for group in kept[:count] for e in group]
+    chosen_ids = {id(e) for e in chosen}
+    metrics = {
+        "dynamic/rounds": float(rounds),
+        "dynamic/groups_sampled": float(len(sampled) // n),
+        "dynamic/groups_kept": float(count),
+        "dynamic/fill": count / max(target, 1),
+        "dynamic/reward_sampled": sum(e.reward for e in sampled) / max(len(sampled), 1),
+        "tokens/dynamic_discarded": float(sum(len(e.response_ids) for e in sampled if id(e) not in chosen_ids)),
+    }
+    return chosen, metrics

@@ -25,9 +25,9 @@ from typing import Sequence
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
-from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, advance_schedule, with_fields
 from algos.models.sft import cpu_has_fast_bf16
-from algos.rollout import Episode, StepLayout, collect_episodes, episode_metrics, mc_values, step_layout
+from algos.rollout import Episode, StepLayout, episode_metrics, mc_values, step_layout
 from algos.training.checks import check_non_negative, check_positive, check_types
 from algos.training.context import TrainContext
 from langenv.state import EnvState
@@ -77,6 +77,7 @@ class VinePPO:
 
     name = "vineppo"
     supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
+    supports_dynamic_sampling = True  # collects through ctx.collect_groups
 
     def __init__(self, config: VinePPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
@@ -101,23 +102,29 @@ class VinePPO:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         params = cfg.sampling.params(cfg.sampling.samples_per_prompt, ctx.task.stop_strings)
-        episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"), timings=timings)
+        episodes, collection = ctx.collect_groups(problems, params, iteration, timings)
         t1 = time.perf_counter()
         layouts = [step_layout(e, ctx.tokenizer, ctx.task.split_steps) for e in episodes]
         values, mc = self.estimate_values(episodes, layouts, iteration)
         t2 = time.perf_counter()
         advantages = [token_advantages(layout, v, e.reward) for e, layout, v in zip(episodes, layouts, values)]
-        ctx.observe_advantages(iteration, episodes, advantages)
-        update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, advantages,
-                              self.actor, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
-        ctx.sampler.update_weights(ctx.policy)
+        update: dict[str, float] = {"optimizer_steps": 0.0}
+        schedule_start = self.scheduler.last_epoch
+        if episodes:  # dynamic sampling may keep no group
+            ctx.observe_advantages(iteration, episodes, advantages)
+            update = actor_update(ctx.policy, ctx.reference, self.optimizer, self.scheduler, episodes, advantages,
+                                  self.actor, ctx.pad_token_id, ctx.generator, dist=ctx.dist)
+            ctx.sampler.update_weights(ctx.policy)
+        # this iteration's share of the schedule even when dynamic sampling kept fewer groups
+        planned = cfg.optim.steps_per_iteration(len(problems) * cfg.sampling.samples_per_prompt)
+        advance_schedule(self.scheduler, planned - (self.scheduler.last_epoch - schedule_start))
         t3 = time.perf_counter()
         n_steps = [len(l.boundaries) for l in layouts]
         flat_adv = [a for adv in advantages for a in adv]
-        metrics = episode_metrics(episodes)
+        metrics = {**episode_metrics(episodes), **collection}
         metrics.update({
-            "train/steps_per_response": sum(n_steps) / len(n_steps),
-            "train/value_s0": sum(v[0] for v in values) / len(values),
+            "train/steps_per_response": sum(n_steps) / max(len(n_steps), 1),
+            "train/value_s0": sum(v[0] for v in values) / max(len(values), 1),
             "train/advantage_mean": sum(flat_adv) / max(len(flat_adv), 1),
             "vineppo/unique_states": mc["unique_states"],
             "vineppo/value_requests": mc["requests"],

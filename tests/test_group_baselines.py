@@ -110,3 +110,11 @@ def test_surrogate_gradient_at_the_old_policy_is_the_policy_gradient():
     loss, _, _ = core.clipped_surrogate(logp, logp.detach(), adv, 0.2)
     loss.sum().backward()
     assert torch.allclose(logp.grad, -adv)
+
+
+def test_cppo_pruning_keeps_the_largest_advantages_per_group():
+    from algos.grpo import prune_completions
+
+    adv = torch.tensor([[0.9, -1.2, 0.1, 0.0], [0.5, 0.5, -0.5, 2.0]])
+    assert prune_completions(adv, 2, range(8)) == [0, 1, 4, 7]     # |1.2|, |0.9| ; |2.0|, then the first 0.5
+    assert prune_completions(adv, 1, [0, 2, 4, 5, 6]) == [0, 4]    # only among the kept ones; ties: sampling order

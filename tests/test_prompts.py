@@ -105,3 +105,29 @@ def test_uniform_is_the_seeded_reshuffle_and_bad_settings_are_refused(ctx):
         make_prompt_sampler("hardest", ctx, SamplingConfig())
     with pytest.raises(ValueError, match="attempts >= 2"):
         LearnabilityPrompts(ctx, SamplingConfig(), attempts=1)
+
+
+def test_dynamic_sampling_fills_the_batch_with_mixed_groups(ctx):
+    params = SamplingConfig(max_new_tokens=16).params(8, ())
+    problems = ctx.task.problems[:6]  # rates 0, 0.5, 1, 0, 0.5, 1: two mixed groups to start with
+    ctx.dynamic_sampling_rounds = 5
+    episodes, m = ctx.collect_groups(problems, params, iteration=0)
+    groups = [episodes[i:i + 8] for i in range(0, len(episodes), 8)]
+    assert len(groups) == 6 and m["dynamic/fill"] == 1.0 and m["dynamic/rounds"] >= 2
+    assert all(g[0].state.problem.id.startswith("rate0.5/") for g in groups)
+    assert all(max(e.reward for e in g) > min(e.reward for e in g) for g in groups)
+    assert len({g[0].state.problem.id for g in groups}) == 6  # no problem drawn twice in an iteration
+    assert m["tokens/dynamic_discarded"] > 0 and m["dynamic/groups_sampled"] > 6
+    ctx.dynamic_sampling_rounds = 0
+    plain, none = ctx.collect_groups(problems, params, iteration=0)
+    assert none == {} and len(plain) == 48  # off: every group, and the same first round
+    assert [e.text for e in plain[8:16]] == [e.text for e in episodes[:8]]
+
+
+def test_dynamic_sampling_with_no_extra_rounds_keeps_what_it_has(ctx):
+    from algos.rollout import collect_mixed_groups
+
+    params = SamplingConfig(max_new_tokens=16).params(8, ())
+    episodes, m = collect_mixed_groups(ctx.env, ctx.sampler, ctx.task.problems[:6], params,
+                                       draw=lambda r, n: ctx.task.problems[6:6 + n], seed_for=lambda r: r, max_rounds=0)
+    assert len(episodes) == 16 and m["dynamic/fill"] == pytest.approx(2 / 6) and m["dynamic/rounds"] == 1

@@ -44,6 +44,10 @@ class RunConfig:
     """Learnability sampling: candidates per chosen problem (paper: 4)."""
     learnability_attempts: int = 8
     """Learnability sampling: rollouts per candidate to estimate its success rate p̂ (paper: 8)."""
+    dynamic_sampling: int = 0
+    """DAPO's dynamic sampling (arXiv 2503.14476 §3.2) for the group-sampling algorithms (VinePPO, PPO,
+    GRPO, RLOO, REINFORCE): keep only groups whose rewards are not all equal, sampling more problems
+    for at most this many extra rounds to fill the batch (the paper samples until full); 0: off."""
     mc_diagnostics_every: int = 0
     """Every this many iterations, estimate Monte-Carlo values of the step-boundary states of a sample
     of the iteration's episodes and log how the algorithm's advantages (and PPO's critic) agree with
@@ -106,7 +110,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise ValueError(f"iterations: expected >= 0, got {self.iterations}")
-        for name in ("mc_diagnostics_every", "train_problems", "eval_every", "eval_problems", "save_every", "max_nonfinite_updates",
+        for name in ("dynamic_sampling", "mc_diagnostics_every", "train_problems", "eval_every", "eval_problems", "save_every", "max_nonfinite_updates",
                      "canary_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")

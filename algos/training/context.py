@@ -50,6 +50,12 @@ class TrainContext:
     cache_dir: Path | None = None
     """The run's cache directory (`RunConfig.cache_dir`), for artefacts shared across runs such as
     VC-PPO's pretrained critic; None: nothing is cached."""
+    train_problems: Sequence | None = None
+    """The problems iterations draw from (the train split, or its first ``--train-problems``); None:
+    ``env.problems``."""
+    dynamic_sampling_rounds: int = 0
+    """DAPO's dynamic sampling in `collect_groups`: at most this many extra rounds of sampling to
+    fill the batch with groups of mixed rewards; 0: off."""
     advantage_observers: list[Callable[..., None]] = field(default_factory=list)
     """Plug-ins that look at the advantages an algorithm is about to train on (see
     `observe_advantages`; e.g. `algos.training.mc_diagnostics.MCDiagnostics`)."""
@@ -57,6 +63,32 @@ class TrainContext:
     @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+    def collect_groups(self, problems: Sequence, params, iteration: int,
+                       timings: dict[str, float] | None = None) -> tuple[list, dict[str, float]]:
+        """The iteration's episodes, ``params.n`` per problem, problem-major: `collect_episodes`, or
+        with ``dynamic_sampling_rounds`` > 0 `collect_mixed_groups` (only groups with mixed rewards,
+        topped up from the train problems; the batch may then hold fewer groups than ``problems``).
+        Returns (episodes, metrics of the collection: {} without dynamic sampling)."""
+        from algos.rollout import collect_episodes, collect_mixed_groups
+
+        if not self.dynamic_sampling_rounds:
+            return collect_episodes(self.env, self.sampler, problems, params, seed=self.seed_for(iteration, "episodes"),
+                                    timings=timings), {}
+        pool = self.train_problems if self.train_problems is not None else self.env.problems
+        used = {p.id for p in problems}
+
+        def draw(round_: int, count: int) -> list:
+            rng = np.random.default_rng([self.seed, iteration, round_, self.dist.rank, 13])
+            fresh = [pool[i] for i in rng.permutation(len(pool)) if pool[i].id not in used][:count]
+            used.update(p.id for p in fresh)
+            return fresh
+
+        def seed_for(round_: int) -> int:
+            return self.seed_for(iteration, "episodes" if round_ == 0 else f"dynamic-{round_}")
+
+        return collect_mixed_groups(self.env, self.sampler, problems, params, draw, seed_for,
+                                    self.dynamic_sampling_rounds, self.dist, timings)
 
     def observe_advantages(self, iteration: int, episodes: Sequence, advantages: Sequence[Sequence[float]],
                            values: Sequence[Sequence[float]] | None = None) -> None:

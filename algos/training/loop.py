@@ -145,6 +145,9 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     if dist.world_size > 1 and not getattr(build, "supports_distributed", False):  # `build` is the class
         raise ValueError(f"algo:{algo_name} does not support multi-process training (world size {dist.world_size}); "
                          f"run it in one process, or use vineppo, ppo, grpo or rloo")
+    if run.dynamic_sampling and not getattr(build, "supports_dynamic_sampling", False):
+        raise ValueError(f"--dynamic-sampling: algo:{algo_name} does not collect groups through the dynamic sampler; "
+                         f"use vineppo, grpo or rloo")
     if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
         run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
     out = on_main_first(dist, lambda: prepare_out(run, algo_name), share=True)
@@ -178,7 +181,8 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
         check_canary(env, count=run.canary_problems)
     sampler = make_sampler(run.sampler, policy, tokenizer, max_batch_size=run.sampler_batch_size,
                            max_context=context, workdir=out / "vllm")
-    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist, cache_dir=run.cache_dir)
+    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist, cache_dir=run.cache_dir,
+                       train_problems=train_problems, dynamic_sampling_rounds=run.dynamic_sampling)
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
     prompts = make_prompt_sampler(run.prompt_sampler, ctx, algo_config.sampling, run.learnability_pool_factor,
