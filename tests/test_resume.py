@@ -42,7 +42,10 @@ ALGO_FLAGS = {
 #: Run-level plug-ins resumed exactly too: (algorithm, flags) per case.
 CASES = {**{name: (name, flags) for name, flags in ALGO_FLAGS.items()},
          "grpo+learnability": ("grpo", ALGO_FLAGS["grpo"] + " --prompt-sampler learnability "
-                                       "--learnability-pool-factor 2 --learnability-attempts 2")}
+                                       "--learnability-pool-factor 2 --learnability-attempts 2"),
+         "grpo+dynamic+cppo": ("grpo", ALGO_FLAGS["grpo"] + " --dynamic-sampling 2 --prune-keep 2"),
+         "ppo+mc-diagnostics": ("ppo", ALGO_FLAGS["ppo"] + " --mc-diagnostics-every 1 --mc-diagnostics-states 4 "
+                                      "--mc-diagnostics-k 2")}
 
 # Runs a CLI command in a fresh interpreter with the test-only `guess` task registered.
 LAUNCH = (

@@ -17,7 +17,9 @@ Runs (labels): ``vineppo``, ``ppo``, ``grpo`` (``--seeds``, default 3), ``rloo``
 ``restem`` (the first seed), ``sft`` (the fair SFT control: the same optimiser, learning rate,
 mini-batch, epochs and number of steps as GRPO, on G copies of each reference solution) and ``null``
 (GRPO's settings with ``--permute-advantages``: the same update size without the signal). "RL minus
-null" is learning, "null minus start" drift.
+null" is learning, "null minus start" drift. The seeds' other methods each get a row next to their base:
+``vc-ppo`` (value pretraining, decoupled GAE), ``ppo+learnability`` and ``vineppo+learnability`` (the
+paper's comparison), ``grpo+dynamic`` (DAPO dynamic sampling) and ``grpo+cppo`` (completion pruning).
 
 Primary metric: pass@1 at the training temperature (T 0.6, top-p 0.9) with ``EVAL_SAMPLES`` samples on
 the first ``--eval-problems`` (1,000) test problems, the same problems for every run (paired);
@@ -67,8 +69,17 @@ SETTINGS: dict[str, str] = {
     "sft": f"--samples-per-prompt {G} --minibatch-size {MINIBATCH} --micro-batch-size 32 --epochs 2 "
            f"--learning-rate {LR} --warmup-ratio 0.1",
     "null": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --permute-advantages",
+    # the seeds' other methods (issue 13): each against its base row above
+    "vc-ppo": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3 --lam 0.95 --lam-critic 1.0 "
+              "--value-pretrain-steps 64",
+    "ppo+learnability": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3 "
+                        "--prompt-sampler learnability",
+    "vineppo+learnability": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 4 --kl-coef 1e-3 --prompt-sampler learnability",
+    "grpo+dynamic": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --dynamic-sampling 3",
+    "grpo+cppo": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --prune-keep 4",
 }
-ALGO = {"null": "grpo"}  # labels that are not algorithm names
+ALGO = {"null": "grpo", "ppo+learnability": "ppo", "vineppo+learnability": "vineppo", "grpo+dynamic": "grpo",
+        "grpo+cppo": "grpo"}  # labels that are not algorithm names
 RESTEM_ROUNDS = 5
 MULTI_SEED = ("vineppo", "ppo", "grpo")
 
