@@ -51,16 +51,19 @@ from algos.training.distributed import current  # noqa: E402
 
 # ---------------------------------------------------------------- 1. one update, two ranks
 
+BF16_SCENARIO = "token_mean_whiten_kl_sgd"  # SGD: the update is linear in the gradient (AdamW's first
+# step is about lr * sign(g), which bf16 noise flips for the near-zero gradients)
+
 
 def sharded_updates(policy, reference, episodes, advantages, returns, dist) -> dict:
     """`test_distributed.run_updates` with every module sharded by FSDP2; returns the gathered full
     state dicts (the same on every rank) and the stats."""
-    reference = shard_model(copy.deepcopy(reference))
+    sharded_reference = shard_model(copy.deepcopy(reference))
     out = {}
     for name, (overrides, opt_kind) in SCENARIOS.items():
         model = shard_model(copy.deepcopy(policy))
         opt, sched = make_optimizer(model, opt_kind)  # AdamW / SGD over the DTensor shards
-        stats = actor_update(model, reference, opt, sched, episodes, advantages, actor_settings(overrides), 0,
+        stats = actor_update(model, sharded_reference, opt, sched, episodes, advantages, actor_settings(overrides), 0,
                              torch.Generator().manual_seed(1), dist=dist)
         full = {k: v.clone() for k, v in full_tensors(model)}
         # a sampler's own unsharded copy receives exactly these weights
@@ -68,6 +71,14 @@ def sharded_updates(policy, reference, episodes, advantages, returns, dist) -> d
         copy_weights(sampler_copy, model)
         assert all(torch.equal(sampler_copy.state_dict()[k], full[k]) for k in full), name
         out[name] = (full, stats)
+    # FSDP mixed precision (bf16 compute, fp32 master weights and reduction): the same step, to bf16 accuracy
+    overrides, opt_kind = SCENARIOS[BF16_SCENARIO]
+    model = shard_model(copy.deepcopy(policy), bf16=True)
+    opt, sched = make_optimizer(model, opt_kind)
+    stats = actor_update(model, shard_model(copy.deepcopy(reference), bf16=True), opt, sched, episodes, advantages,
+                         actor_settings(overrides), 0, torch.Generator().manual_seed(1), dist=dist)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    out["bf16"] = ({k: v.clone() for k, v in full_tensors(model)}, stats)
     # the critic built from a sharded policy (its backbone gathered), then sharded itself
     critic = shard_model(ValueModel.from_policy(shard_model(copy.deepcopy(policy)),
                                                 generator=torch.Generator().manual_seed(0)))
@@ -154,6 +165,18 @@ def test_one_sharded_update_equals_the_single_process_update(tmp_path):
                 assert stats0[key] == pytest.approx(stats[key], rel=1e-5, abs=1e-6), f"{name}: {key}"
                 assert stats1[key] == stats0[key], f"{name}: {key} differs between ranks"
         assert stats0["optimizer_steps"] == stats["optimizer_steps"] > 0
+
+    # bf16 mixed precision: identical on both ranks, and within bf16 rounding of the fp32 update
+    (state0, stats0), (state1, _) = ranks[0]["results"]["bf16"], ranks[1]["results"]["bf16"]
+    state, stats = single[BF16_SCENARIO]
+    start = policy.state_dict()
+    for key in state:
+        assert torch.equal(state0[key], state1[key]), f"bf16: {key} differs between ranks"
+    delta = torch.cat([(state[k] - start[k]).flatten() for k in state])
+    delta_bf16 = torch.cat([(state0[k] - start[k]).flatten() for k in state])
+    rel = float((delta_bf16 - delta).norm() / delta.norm())
+    assert rel < 0.05, f"bf16 update differs from the fp32 one by {rel:.3f} (relative L2)"
+    assert stats0["loss"] == pytest.approx(stats["loss"], rel=0.05, abs=1e-3)
 
 
 # ---------------------------------------------------------------- 2. a sharded run resumes exactly
