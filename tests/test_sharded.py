@@ -248,6 +248,23 @@ def test_sharded_ppo_run_resumes_exactly(tmp_path, guess_model_dir):
     assert moved > 0
 
 
+def test_sharded_grpo_run_with_bf16_mixed_precision(tmp_path, guess_model_dir):
+    """``--fsdp-bf16``: fp32 master weights, the sampler's copy in bf16, so the consolidated policy is
+    gathered from the shards (`full_state_dict`) rather than taken from that copy."""
+    out = tmp_path / "run"
+    done = torchrun(tmp_path, ["algo:grpo", *common(guess_model_dir, out, 1), "--fsdp-bf16", "--samples-per-prompt",
+                               "4", "--minibatch-size", "8", "--micro-batch-size", "4", "--learning-rate", "1e-3",
+                               "--warmup-ratio", "0"])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    rows = metric_rows(out)
+    assert rows[1]["update/optimizer_steps"] == 1 and all(
+        v == v for k, v in rows[1].items() if k.startswith("update/"))  # no NaN
+    final = load_file(out / "final" / "model.safetensors")
+    start = load_file(Path(guess_model_dir) / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in final.values())  # the fp32 master weights, not the bf16 copy
+    assert any(not torch.equal(final[k], start[k]) for k in start)
+
+
 # ---------------------------------------------------------------- 3. refusals (one process)
 
 

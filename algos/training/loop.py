@@ -100,7 +100,7 @@ class _Run:
     """`state_fingerprint` of the reference as loaded (before any sharding)."""
     full_policy: Any = None
     """With ``--sharding fsdp``: the sampler's own unsharded copy of the policy (in sync after every
-    update), used to write the policy without gathering it again; None otherwise (or with vLLM)."""
+    update; bf16 with ``--fsdp-bf16``); None otherwise (or with vLLM)."""
     wandb_run: Any = None
     start: float = 0.0
     """`time.perf_counter()` at the (virtual) start of the run: a resumed run counts its earlier time."""
@@ -201,9 +201,13 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     full_policy = None
     if run.sharding != "none" and run.sampler != "vllm":  # the sampler's own unsharded copy (one per process)
         full_policy = copy.deepcopy(policy)
+        if run.fsdp_bf16:  # it samples in bf16, as the update computes
+            full_policy.to(torch.bfloat16)
     sampler = make_sampler(run.sampler, full_policy if full_policy is not None else policy, tokenizer,
                            max_batch_size=run.sampler_batch_size, max_context=context, workdir=out / "vllm")
     if run.sharding == "fsdp":  # in place; π_old, π_ref and the update all run through these sharded modules
+        if run.fsdp_bf16:
+            policy.float()  # fp32 master weights (and AdamW states); FSDP computes in bf16
         shard_model(policy, bf16=run.fsdp_bf16)
         shard_model(reference, bf16=run.fsdp_bf16)
     ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist, sharding=run.sharding,
@@ -313,7 +317,7 @@ def _checkpoint(r: _Run, state: dict[str, Any], done: int) -> Checkpoint | None:
             staging.mkdir(parents=True)
         r.dist.barrier()
         save_sharded(staging, r.algorithm.trainables())
-        policy_state = full_state_dict(r.policy) if r.full_policy is None else None
+        policy_state = None if _policy_copy_saves(r) else full_state_dict(r.policy)
         r.dist.barrier()
     ckpt = None
     if r.main:
@@ -407,7 +411,7 @@ def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
     summary; a run stopped by --stop-after returns ``finished: False``."""
     run = r.run
     if r.sharded and state["iteration"] >= run.iterations:  # gathers are collectives: every rank takes part
-        policy_state = full_state_dict(r.policy) if r.full_policy is None else None
+        policy_state = None if _policy_copy_saves(r) else full_state_dict(r.policy)
         if r.main:
             _save_policy(r, r.out / "final", policy_state)
         if hasattr(r.algorithm, "save"):
@@ -445,13 +449,19 @@ def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _policy_copy_saves(r: _Run) -> bool:
+    """Whether the sampler's unsharded copy can be written as the policy: it exists and holds the
+    policy's dtype (with ``--fsdp-bf16`` it is bf16 while the master weights are fp32)."""
+    return r.full_policy is not None and r.full_policy.dtype == r.policy.dtype
+
+
 def _save_policy(r: _Run, path: Path, state_dict: dict | None) -> None:
     """Write the policy in Hugging Face format (rank 0): the model itself, or in a sharded run the
-    sampler's unsharded copy (equal to the policy after every update) or, without one, the gathered
-    ``state_dict``."""
+    sampler's unsharded copy (equal to the policy after every update, `_policy_copy_saves`) or else
+    the gathered ``state_dict``."""
     if not r.sharded:
         _save(r.policy, r.tokenizer, path)
-    elif r.full_policy is not None:
+    elif _policy_copy_saves(r):
         _save(r.full_policy, r.tokenizer, path)
     else:
         _save(r.policy, r.tokenizer, path, state_dict=state_dict)
