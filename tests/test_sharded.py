@@ -265,6 +265,33 @@ def test_sharded_grpo_run_with_bf16_mixed_precision(tmp_path, guess_model_dir):
     assert any(not torch.equal(final[k], start[k]) for k in start)
 
 
+VINEPPO_FLAGS = ["--samples-per-prompt", "2", "--mc-rollouts", "2", "--minibatch-size", "4", "--micro-batch-size", "2",
+                 "--learning-rate", "1e-3", "--warmup-ratio", "0"]
+
+
+def test_sharded_vineppo_run_matches_the_data_parallel_run(tmp_path, guess_model_dir):
+    """One VinePPO iteration with 2 processes, sharded and not: the same episodes and Monte-Carlo
+    values (the samplers start from the same weights), the same update to float rounding."""
+    runs = {}
+    for sharding in ("none", "fsdp"):
+        out = tmp_path / sharding
+        args = [a if a != "fsdp" else sharding for a in common(guess_model_dir, out, 1)]
+        done = torchrun(tmp_path, ["algo:vineppo", *args, *VINEPPO_FLAGS, "--no-eval-sampled"])
+        assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+        runs[sharding] = metric_rows(out)[1]
+    dp, sharded = runs["none"], runs["fsdp"]
+    assert dp["update/optimizer_steps"] == sharded["update/optimizer_steps"] > 0
+    assert dp.keys() == sharded.keys()
+    for key in dp:
+        if key.startswith(("update/", "train/", "value", "tokens/", "grading/")):
+            assert sharded[key] == pytest.approx(dp[key], rel=1e-4, abs=1e-6), key
+    wa, wb = (load_file(tmp_path / s / "final" / "model.safetensors") for s in ("none", "fsdp"))
+    start = load_file(Path(guess_model_dir) / "model.safetensors")
+    for key in start:
+        step = float((wa[key] - start[key]).abs().max())
+        assert float((wb[key] - wa[key]).abs().max()) <= 1e-3 * max(step, 1e-6), key
+
+
 # ---------------------------------------------------------------- 3. refusals (one process)
 
 
