@@ -33,8 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["shard_model", "is_sharded", "full_tensors", "copy_full_weights", "full_state_dict", "grad_norm_clip",
-           "mixed_precision_policy"]
+__all__ = [
+    "copy_full_weights",
+    "full_state_dict",
+    "full_tensors",
+    "grad_norm_clip",
+    "is_sharded",
+    "mixed_precision_policy",
+    "shard_model",
+]
 
 
 def mixed_precision_policy(bf16: bool):

@@ -43,9 +43,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "rng_state", "set_rng_state", "state_fingerprint", "checkpoint_name", "save_sharded", "load_sharded",
-           "SHARDED_DIR"]
+__all__ = [
+    "SHARDED_DIR",
+    "Checkpoint",
+    "CheckpointError",
+    "checkpoint_name",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_sharded",
+    "rng_state",
+    "save_checkpoint",
+    "save_sharded",
+    "set_rng_state",
+    "state_fingerprint",
+]
 
 LATEST = "latest"
 POLICY_DIR = "policy"

@@ -38,17 +38,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 MODES = ("replica", "replica-autocast", "fsdp", "fsdp-bf16")
 #: Llama shapes: TinyLlama / Rho-1.1B, DeepSeekMath-7B (Llama-2-7B-like, vocab 102400), and a CPU toy.
 SHAPES = {
-    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-               num_attention_heads=32, num_key_value_heads=4),
-    "7b": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
-               num_attention_heads=32, num_key_value_heads=32),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4),
+    "1b": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4},
+    "7b": {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 30,
+           "num_attention_heads": 32, "num_key_value_heads": 32},
+    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4},
 }
 
 
@@ -91,7 +91,7 @@ def run_mode(args) -> dict:
     sharded = args.mode.startswith("fsdp")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = torch.device(args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    device = torch.device(args.device if args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if sharded or world > 1:
@@ -171,7 +171,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--mode", mode, "--port", str(args.port + i)] + [
             a for k in ("shape", "device", "episodes", "micro", "prompt_len", "response_len", "rounds", "threads")
             for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
             print(f"{mode}: failed (exit {done.returncode})\n{done.stderr[-3000:]}", file=sys.stderr)
