@@ -18,6 +18,10 @@ sequence counts), whitening statistics, the max-ratio and non-finite decisions a
 statistics are reduced over ranks, and gradients are summed before clipping: each rank's loss is
 its share of the *global* aggregate, so one update equals a single-process update on the
 concatenated batch up to float summation order (when the mini-batches hold the same episodes).
+With an FSDP2-sharded policy (``--sharding fsdp``, `algos.models.sharding`) FSDP sums the gradients
+in its reduce-scatter instead (``Dist.all_reduce_grads`` is then a no-op) and the clipping norm is the
+global one over the DTensor shards; every rank must then run the same number of forward passes
+(equal episode shards), since each one is a collective.
 
 Efficiency: within a mini-batch, micro-batches are formed from rows sorted by prompt+response
 length and each is trimmed to its own longest row, so little compute goes to padding; the
@@ -46,6 +50,7 @@ from torch import Tensor
 
 from algos import core
 from algos.models.policy import batch_sequences, response_logprobs
+from algos.models.sharding import grad_norm_clip
 from algos.rollout import Episode
 
 if TYPE_CHECKING:
@@ -370,7 +375,7 @@ def actor_update(
                 continue
             if _is_multi(dist):
                 dist.all_reduce_grads(policy)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.grad_clip))
+            grad_norm = grad_norm_clip(policy.parameters(), settings.grad_clip)  # global when sharded
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1

@@ -119,11 +119,19 @@ class GRPO:
 
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"scheduler": self.scheduler.state_dict()}
+        if not self.ctx.sharded:  # sharded: the optimiser is in the checkpoint's sharded/ (`trainables`)
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def trainables(self) -> dict:
+        """The trained modules and their optimisers, by name (sharded checkpoints, `algos.training.context`)."""
+        return {"policy": (self.ctx.policy, self.optimizer)}
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx

@@ -64,6 +64,7 @@ from algos.actor import ActorSettings, actor_update
 from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
 from algos.models.policy import batch_sequences
 from algos.models.sft import cpu_has_fast_bf16
+from algos.models.sharding import copy_full_weights, full_state_dict, grad_norm_clip, is_sharded
 from algos.rollout import collect_episodes, episode_metrics
 from algos.training.checks import check_finite, check_fraction, check_positive, check_types
 from algos.training.context import TrainContext
@@ -168,11 +169,19 @@ class ValueModel(torch.nn.Module):
     @classmethod
     def from_policy(cls, policy, generator: torch.Generator | None = None) -> ValueModel:
         """A critic whose backbone is a deep copy of ``policy``'s (``get_decoder()``, e.g. the
-        ``LlamaModel`` of a ``LlamaForCausalLM``), on the policy's device and dtype, trainable."""
+        ``LlamaModel`` of a ``LlamaForCausalLM``), on the policy's device and dtype, trainable. From
+        an FSDP2-sharded policy the backbone is built from its config and the full weights are
+        gathered into it (a collective: every rank calls this); the critic is unsharded either way."""
         decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else policy.base_model
         if decoder is policy:
             raise ValueError(f"could not find the backbone of {type(policy).__name__}: get_decoder() returned the model")
-        critic = cls(copy.deepcopy(decoder), generator=generator)
+        if is_sharded(policy):  # FSDP2 shards: a fresh unsharded backbone, filled with the gathered weights
+            param = next(decoder.parameters())
+            backbone = AutoModel.from_config(decoder.config, dtype=param.dtype).to(param.device)
+            copy_full_weights(backbone, decoder)  # collective
+        else:
+            backbone = copy.deepcopy(decoder)
+        critic = cls(backbone, generator=generator)
         critic.requires_grad_(True)
         critic.train(policy.training)
         return critic
@@ -213,13 +222,22 @@ class ValueModel(torch.nn.Module):
         shifted = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
         return shifted * batch["response_mask"].to(shifted.device)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
         """Write the backbone in Hugging Face format (``config.json`` + weights) and the head as
-        ``value_head.safetensors`` into the directory ``path``."""
+        ``value_head.safetensors`` into the directory ``path``.
+
+        ``state_dict``: the critic's full weights (``backbone.*`` and ``head.*`` names), e.g. the
+        `algos.models.sharding.full_state_dict` of a sharded critic; default: its own."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(path / VALUE_HEAD_FILE))
+        if state_dict is None:
+            self.backbone.save_pretrained(path)
+            head = self.head.state_dict()
+        else:
+            self.backbone.save_pretrained(path, state_dict={k[len("backbone."):]: v for k, v in state_dict.items()
+                                                            if k.startswith("backbone.")})
+            head = {k[len("head."):]: v for k, v in state_dict.items() if k.startswith("head.")}
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(path / VALUE_HEAD_FILE))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str = "auto",
@@ -391,7 +409,7 @@ def critic_update(
             loss_sum, clip_count = acc.tolist()
             if multi:
                 dist.all_reduce_grads(critic)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), settings.grad_clip))
+            grad_norm = grad_norm_clip(critic.parameters(), settings.grad_clip)  # global when sharded
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1
@@ -423,8 +441,9 @@ class PPO:
         episodes = config.sampling.prompts_per_iteration * config.sampling.samples_per_prompt
         total_steps = config.optim.steps_per_iteration(episodes) * total_iterations
         self.optimizer, self.scheduler = config.optim.build(ctx.policy, total_steps)
-        head_rng = torch.Generator().manual_seed(ctx.seed_for(0, "critic_head"))
-        self.critic = ValueModel.from_policy(ctx.policy, generator=head_rng)
+        # the same head on every rank (a per-rank seed would give each data-parallel rank its own critic)
+        head_rng = torch.Generator().manual_seed(ctx.seed_for(0, "critic_head", per_rank=False))
+        self.critic = ctx.shard(ValueModel.from_policy(ctx.policy, generator=head_rng))
         self.critic.eval()
         self.critic_optimizer, self.critic_scheduler = dataclasses.replace(
             config.optim, learning_rate=config.critic_learning_rate).build(self.critic, total_steps)
@@ -440,18 +459,25 @@ class PPO:
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: the critic, and the optimiser and
         LR-schedule states of actor and critic."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "critic_scheduler": self.critic_scheduler.state_dict(),
-                "value_pretraining_pending": self.value_pretraining_pending}
+        state = {"scheduler": self.scheduler.state_dict(), "critic_scheduler": self.critic_scheduler.state_dict(),
+                 "value_pretraining_pending": self.value_pretraining_pending}
+        if not self.ctx.sharded:  # sharded: models and optimisers are in the checkpoint's sharded/ (`trainables`)
+            state.update({"optimizer": self.optimizer.state_dict(), "critic": self.critic.state_dict(),
+                          "critic_optimizer": self.critic_optimizer.state_dict()})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.critic.load_state_dict(state["critic"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "critic" in state:
+            self.critic.load_state_dict(state["critic"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.value_pretraining_pending = bool(state.get("value_pretraining_pending", False))  # older: past iteration 0
+
+    def trainables(self) -> dict:
+        """The trained modules and their optimisers, by name (sharded checkpoints, `algos.training.context`)."""
+        return {"policy": (self.ctx.policy, self.optimizer), "critic": (self.critic, self.critic_optimizer)}
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx
@@ -516,10 +542,14 @@ class PPO:
 
     def save(self, path: Path) -> None:
         """Write the critic under ``path / "value_model"`` (see `ValueModel.save_pretrained`),
-        through a temporary directory renamed into place."""
+        through a temporary directory renamed into place. With a sharded critic every rank calls
+        this (the weights are gathered, a collective) and rank 0 writes."""
+        state = full_state_dict(self.critic) if is_sharded(self.critic) else None
+        if state is not None and not self.ctx.dist.is_main:
+            return
         target = Path(path) / "value_model"
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.critic.save_pretrained(tmp)
+        self.critic.save_pretrained(tmp, state_dict=state)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)

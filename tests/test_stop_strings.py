@@ -5,12 +5,12 @@ the env directly, token by token, and through the real samplers."""
 from __future__ import annotations
 
 import pytest
+from conftest import ToyTask
 
 from algos.rollout import collect_episodes
 from algos.samplers.base import SamplingParams
 from algos.samplers.hf import HFSampler
 from algos.samplers.prefix_sharing import PrefixSharingSampler
-from conftest import ToyTask
 from langenv import LanguageEnv
 
 STOP = "\n\n\nProblem:"

@@ -120,8 +120,18 @@ def check_sampler_args(model, tokenizer, max_batch_size, max_context, sampler: s
 
 def copy_weights(target, source) -> None:
     """Load ``source``'s weights into ``target`` (a sampler's own model); a no-op when they are the
-    same object, as when the sampler shares the policy."""
-    if source is not target:
+    same object, as when the sampler shares the policy.
+
+    An FSDP2-sharded ``source`` (``--sharding fsdp``, where the sampler keeps its own unsharded copy)
+    is gathered one parameter at a time into ``target`` (`algos.models.sharding.copy_full_weights`,
+    a collective: every rank updates its sampler at the same point), so no second full copy is made."""
+    if source is target:
+        return
+    from algos.models.sharding import copy_full_weights, is_sharded
+
+    if is_sharded(source):
+        copy_full_weights(target, source)
+    else:
         target.load_state_dict(source.state_dict())
 
 

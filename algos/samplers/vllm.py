@@ -248,8 +248,12 @@ class VLLMSampler:
 
     def update_weights(self, model) -> None:
         """Load ``model.state_dict()`` (Hugging Face names) into the live engine, then reset the
-        prefix cache (its KV was computed with the old weights)."""
-        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        prefix cache (its KV was computed with the old weights). An FSDP2-sharded ``model`` is
+        gathered one parameter at a time as the engine reads them (`algos.models.sharding.full_tensors`;
+        a collective, so every rank pushes its weights at the same point; not run on a GPU yet)."""
+        from algos.models.sharding import full_tensors
+
+        weights = full_tensors(model)
         with torch.no_grad():
             if all(self.llm.collective_rpc(_has_reload_weights)):
                 kwargs = {"weights_iterator": weights, "is_checkpoint_format": True}

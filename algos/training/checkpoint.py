@@ -10,6 +10,11 @@ Layout of a run directory's ``checkpoints/``::
       iter-000008/
       latest                    text file naming the newest complete checkpoint ("iter-000008")
 
+A run with ``--sharding fsdp`` adds ``sharded/`` to each checkpoint: the FSDP2-sharded models and
+optimisers of the algorithm's ``trainables()`` in ``torch.distributed.checkpoint`` (DCP) format, one
+file per rank plus ``.metadata`` (`save_sharded`, `load_sharded`); ``algorithm.pt`` then holds only
+the unsharded rest (LR schedules, ...), and ``policy/`` is the consolidated policy, as always.
+
 A checkpoint is written into ``.iter-NNNNNN.tmp/`` beside its final place, every file is fsynced,
 and the directory is renamed into place (`os.replace`, atomic on one filesystem); only then is
 ``latest`` rewritten (write ``latest.tmp``, fsync, rename) and only after that are older
@@ -38,13 +43,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "rng_state", "set_rng_state", "state_fingerprint", "checkpoint_name"]
+__all__ = [
+    "SHARDED_DIR",
+    "Checkpoint",
+    "CheckpointError",
+    "checkpoint_name",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_sharded",
+    "rng_state",
+    "save_checkpoint",
+    "save_sharded",
+    "set_rng_state",
+    "state_fingerprint",
+]
 
 LATEST = "latest"
 POLICY_DIR = "policy"
 ALGORITHM_FILE = "algorithm.pt"
 TRAINER_FILE = "trainer_state.pt"
+SHARDED_DIR = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -66,6 +84,11 @@ class Checkpoint:
     @property
     def policy_dir(self) -> Path:
         return self.path / POLICY_DIR
+
+    @property
+    def sharded_dir(self) -> Path:
+        """The DCP directory of a ``--sharding fsdp`` run (absent otherwise)."""
+        return self.path / SHARDED_DIR
 
     def trainer_state(self) -> dict[str, Any]:
         return _load(self.path / TRAINER_FILE)
@@ -220,6 +243,61 @@ def save_checkpoint(
         if old.path != final:
             shutil.rmtree(old.path, ignore_errors=True)
     return Checkpoint(final, iteration)
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded state (torch.distributed.checkpoint)
+
+
+def _sharded_state(trainables: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {name: {"model": get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+            for name, (module, optimizer) in trainables.items()}
+
+
+def save_sharded(path: Path, trainables: dict[str, tuple[Any, Any]]) -> None:
+    """Save FSDP2-sharded modules and their optimisers into the directory ``path`` with
+    ``torch.distributed.checkpoint.save`` (every rank writes its shards; rank 0 the metadata).
+    Collective: every rank calls it with the same names.
+
+    Args:
+        trainables: ``{name: (module, optimizer)}``, the algorithm's ``trainables()``; state dicts
+            come from ``get_model_state_dict`` / ``get_optimizer_state_dict`` (parameter names, not
+            optimiser indices, so they load into freshly built modules).
+    Raises:
+        CheckpointError: a write failed (the caller's staging directory is not renamed into place).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(_sharded_state(trainables), checkpoint_id=str(path))
+    except Exception as exc:  # DCP wraps per-rank OSErrors in its own CheckpointException
+        raise CheckpointError(f"could not write the sharded state to {path} ({type(exc).__name__}: {exc})") from exc
+
+
+def load_sharded(path: Path, trainables: dict[str, tuple[Any, Any]]) -> None:
+    """Load what `save_sharded` wrote into the (already sharded) modules and optimisers, in place
+    (``dcp.load`` then ``set_model_state_dict`` / ``set_optimizer_state_dict``). Collective.
+
+    Raises:
+        CheckpointError: ``path`` is missing, or holds other names or shapes than ``trainables``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    if not (Path(path) / ".metadata").is_file():
+        raise CheckpointError(f"{path}: no sharded state (.metadata missing); a checkpoint written without "
+                              f"--sharding fsdp cannot be resumed with it, nor the other way round")
+    state = _sharded_state(trainables)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:
+        raise CheckpointError(f"could not read the sharded state in {path} ({type(exc).__name__}: {exc}); "
+                              f"was it written by the same algorithm and model?") from exc
+    for name, (module, optimizer) in trainables.items():
+        set_model_state_dict(module, state[name]["model"])
+        set_optimizer_state_dict(module, optimizer, state[name]["optim"])
 
 
 # ----------------------------------------------------------------------------------------------

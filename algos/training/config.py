@@ -98,6 +98,19 @@ class RunConfig:
     """Sequences per generation call of the HF sampler."""
     device: str = "cpu"
     """Torch device of the policy."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """``none``: every process holds whole models (data parallel, gradients all-reduced). ``fsdp``:
+    PyTorch FSDP2 (``fully_shard``) shards the policy, the reference and PPO's critic over the
+    processes, per decoder layer, with their gradients and AdamW states (ZeRO-3); each process keeps
+    one unsharded copy for its sampler (not with ``--sampler vllm``), updated after each optimiser
+    update. Needs several processes (torchrun / accelerate launch) and an algorithm with multi-process
+    support (vineppo, ppo, grpo, rloo, reinforce). Checkpoints hold the sharded state
+    (``torch.distributed.checkpoint``) plus a consolidated Hugging Face policy; resume at the same
+    world size. See algos/models/sharding.py and the README."""
+    fsdp_bf16: bool = False
+    """With ``--sharding fsdp``: FSDP2 mixed precision, ``MixedPrecisionPolicy(param_dtype=bfloat16,
+    reduce_dtype=float32)``: forward/backward in bf16 on the gathered weights, fp32 sharded master
+    weights, fp32 gradient reduction and optimiser."""
     wandb: Literal["offline", "online", "disabled"] = "offline"
     """wandb mode; offline writes under the run directory."""
     cache_dir: Path = Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv"))
@@ -130,6 +143,8 @@ class RunConfig:
             raise ValueError(f"stop_after: expected >= 1 or None, got {self.stop_after}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints: expected >= 1, got {self.keep_checkpoints}")
+        if self.fsdp_bf16 and self.sharding != "fsdp":
+            raise ValueError(f"fsdp_bf16: FSDP mixed precision needs --sharding fsdp, got --sharding {self.sharding}")
         check_run_config(self)
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: resume continues the run, overwrite "

@@ -12,7 +12,13 @@ The class provides:
   policy (optimiser, LR schedule, critic, ...); optional ``save(path)`` writes extra Hugging Face
   artefacts next to the final policy (PPO's critic);
 * ``supports_distributed = True`` allows several processes (the update must then be exact across
-  ranks, see `algos.actor`).
+  ranks, see `algos.actor`);
+* ``trainables() -> {name: (module, optimizer)}`` (needed with ``--sharding fsdp``): the modules the
+  algorithm trains and their optimisers. A sharded run saves and restores them with
+  ``torch.distributed.checkpoint`` (`algos.training.checkpoint.save_sharded`); its ``state_dict()``
+  then leaves them out (``ctx.sharded``) and keeps the rest (LR schedules, baselines). A module the
+  algorithm builds itself (PPO's critic) goes through ``ctx.shard(module)`` before its optimiser is
+  made.
 
 `TrainContext` is everything it gets from the loop: the task, the training environment, the sampler,
 the policy and the frozen reference, the tokenizer, seeds and the data-parallel group.
@@ -59,6 +65,26 @@ class TrainContext:
     advantage_observers: list[Callable[..., None]] = field(default_factory=list)
     """Plug-ins that look at the advantages an algorithm is about to train on (see
     `observe_advantages`; e.g. `algos.training.mc_diagnostics.MCDiagnostics`)."""
+    sharding: str = "none"
+    """``"fsdp"`` when the policy and the reference are FSDP2-sharded (``--sharding fsdp``,
+    `algos.models.sharding`); ``"none"``: every rank holds whole models."""
+    sharding_bf16: bool = False
+    """With ``sharding="fsdp"``: FSDP2 mixed precision (bf16 compute, fp32 master weights and
+    gradient reduction) for the modules `shard` wraps."""
+
+    @property
+    def sharded(self) -> bool:
+        """True when the trained modules are FSDP2-sharded."""
+        return self.sharding != "none"
+
+    def shard(self, module):
+        """``module`` wrapped like the policy (`algos.models.sharding.shard_model`, in place) when the
+        run is sharded; ``module`` unchanged otherwise. Collective when sharded."""
+        if not self.sharded:
+            return module
+        from algos.models.sharding import shard_model
+
+        return shard_model(module, bf16=self.sharding_bf16)
 
     @property
     def pad_token_id(self) -> int:
@@ -99,9 +125,12 @@ class TrainContext:
             observer(iteration, episodes, advantages, values)
 
     def seed_for(self, iteration: int, purpose: str) -> int:
+    def seed_for(self, iteration: int, purpose: str, per_rank: bool = True) -> int:
         """A distinct, reproducible seed per (run seed, iteration, purpose), and per rank when
-        several processes train together."""
-        key = [self.seed, iteration, sum(map(ord, purpose))] + ([self.dist.rank] if self.dist.world_size > 1 else [])
+        several processes train together and ``per_rank`` (False: the same seed on every rank, e.g.
+        to initialise weights every rank must share)."""
+        ranked = per_rank and self.dist.world_size > 1
+        key = [self.seed, iteration, sum(map(ord, purpose))] + ([self.dist.rank] if ranked else [])
         return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 

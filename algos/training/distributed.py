@@ -10,6 +10,10 @@ single-process update on the concatenated global batch, up to float summation or
     mine = dist.shard(episodes)            # contiguous equal shards by rank
     actor_update(..., dist=dist)
 
+With ``--sharding fsdp`` the weights are not replicated: the policy, reference and critic are
+FSDP2-sharded (`algos.models.sharding`), FSDP reduces the gradients itself, and everything else here
+(sharding the episodes, the reduced normalisers and statistics) is unchanged.
+
 Launching: ``accelerate launch --cpu --num_processes 2 experiments/run.py ...`` or ``torchrun
 --nproc_per_node 2 ...``; `current` reads the launcher's environment (``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) through `accelerate.PartialState`, which
@@ -102,9 +106,15 @@ class Dist:
         all-reduce per bucket (the coalescing of DDP's reducer, without hooks). A parameter whose
         gradient is None on some ranks but not others gets zeros there first (one extra all-reduce
         of a presence flag per parameter); one with no gradient anywhere stays None, so the
-        optimiser skips it as in a single process. No-op at world size 1.
+        optimiser skips it as in a single process. No-op at world size 1, and for a model sharded
+        with FSDP2 (`algos.models.sharding.shard_model`: its DTensor gradients were already summed by
+        FSDP's reduce-scatter in backward; summing again would double them).
         """
         if self.world_size == 1:
+            return
+        from algos.models.sharding import is_sharded
+
+        if is_sharded(model):
             return
         import torch.distributed as td
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors

@@ -16,6 +16,7 @@ the non-finite guard in `algos.training.run_control`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -31,15 +32,20 @@ import torch
 from tqdm.auto import tqdm
 
 from algos.models.policy import check_model_source, clone_reference, load_policy
+from algos.models.sharding import full_state_dict, shard_model
 from algos.models.warm_start import load_model
 from algos.rollout import collect_episodes
 from algos.samplers import Sampler, SamplingParams, make_sampler
 from algos.training.checkpoint import (
+    SHARDED_DIR,
     Checkpoint,
     CheckpointError,
+    checkpoint_name,
     load_checkpoint,
+    load_sharded,
     rng_state,
     save_checkpoint,
+    save_sharded,
     set_rng_state,
     state_fingerprint,
 )
@@ -92,6 +98,11 @@ class _Run:
     algorithm: Algorithm
     prompts: PromptSampler
     diagnostics: MCDiagnostics | None = None
+    reference_fingerprint: str = ""
+    """`state_fingerprint` of the reference as loaded (before any sharding)."""
+    full_policy: Any = None
+    """With ``--sharding fsdp``: the sampler's own unsharded copy of the policy (in sync after every
+    update; bf16 with ``--fsdp-bf16``); None otherwise (or with vLLM)."""
     wandb_run: Any = None
     start: float = 0.0
     """`time.perf_counter()` at the (virtual) start of the run: a resumed run counts its earlier time."""
@@ -99,6 +110,10 @@ class _Run:
     @property
     def main(self) -> bool:
         return self.dist.is_main
+
+    @property
+    def sharded(self) -> bool:
+        return self.run.sharding != "none"
 
 
 def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> dict[str, Any]:
@@ -148,6 +163,14 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     if run.dynamic_sampling and not getattr(build, "supports_dynamic_sampling", False):
         raise ValueError(f"--dynamic-sampling: algo:{algo_name} does not collect groups through the dynamic sampler; "
                          f"use vineppo, grpo or rloo")
+    if run.sharding != "none":
+        if not (getattr(build, "supports_distributed", False) and hasattr(build, "trainables")):
+            raise ValueError(f"--sharding {run.sharding}: algo:{algo_name} does not support sharded training; "
+                             f"use --sharding none, or vineppo, ppo, grpo, rloo or reinforce")
+        if dist.world_size == 1:
+            raise ValueError(f"--sharding {run.sharding} needs several processes (world size 1: there is nothing to "
+                             f"shard over); launch with `torchrun --nproc_per_node N` or `accelerate launch "
+                             f"--num_processes N`, or use --sharding none")
     if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
         run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
     out = on_main_first(dist, lambda: prepare_out(run, algo_name), share=True)
@@ -163,6 +186,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
         torch.set_num_threads(threads)
     policy.eval()
     reference = clone_reference(policy)
+    reference_fingerprint = state_fingerprint(reference)
     max_new = algo_config.sampling.max_new_tokens
     context = getattr(policy.config, "max_position_embeddings", None)
     env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
@@ -179,10 +203,21 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
         from langenv.canary import check_canary
 
         check_canary(env, count=run.canary_problems)
-    sampler = make_sampler(run.sampler, policy, tokenizer, max_batch_size=run.sampler_batch_size,
-                           max_context=context, workdir=out / "vllm")
+    full_policy = None
+    if run.sharding != "none" and run.sampler != "vllm":  # the sampler's own unsharded copy (one per process)
+        full_policy = copy.deepcopy(policy)
+        if run.fsdp_bf16:  # it samples in bf16, as the update computes
+            full_policy.to(torch.bfloat16)
+    sampler = make_sampler(run.sampler, full_policy if full_policy is not None else policy, tokenizer,
+                           max_batch_size=run.sampler_batch_size, max_context=context, workdir=out / "vllm")
+    if run.sharding == "fsdp":  # in place; π_old, π_ref and the update all run through these sharded modules
+        if run.fsdp_bf16:
+            policy.float()  # fp32 master weights (and AdamW states); FSDP computes in bf16
+        shard_model(policy, bf16=run.fsdp_bf16)
+        shard_model(reference, bf16=run.fsdp_bf16)
     ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist, cache_dir=run.cache_dir,
-                       train_problems=train_problems, dynamic_sampling_rounds=run.dynamic_sampling)
+                       train_problems=train_problems, dynamic_sampling_rounds=run.dynamic_sampling,
+                       sharding=run.sharding, sharding_bf16=run.fsdp_bf16)
     ctx.generator.manual_seed(run.seed)
     algorithm = build(algo_config, ctx, run.iterations)
     prompts = make_prompt_sampler(run.prompt_sampler, ctx, algo_config.sampling, run.learnability_pool_factor,
@@ -193,7 +228,8 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
                                     run.mc_diagnostics_k)
         ctx.advantage_observers.append(diagnostics.observe)
     return _Run(run, algo_name, algo_config, out, dist, config_dump, resume, task, policy, reference, tokenizer,
-                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm, prompts, diagnostics)
+                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm, prompts, diagnostics,
+                reference_fingerprint=reference_fingerprint, full_policy=full_policy)
 
 
 def _warn_changed_settings(out: Path, algo_name: str, config_dump: dict) -> None:
@@ -216,15 +252,21 @@ def _restore(r: _Run) -> dict[str, Any]:
     metrics file and the RNG states put back."""
     state: dict[str, Any] = {"iteration": 0, "totals": {"total/optimizer_steps": 0.0, "total/tokens": 0.0},
                              "elapsed": 0.0, "nonfinite_streak": 0, "before": None, "last_eval": None,
-                             "wandb_id": None, "reference_fingerprint": state_fingerprint(r.reference)}
+                             "wandb_id": None, "reference_fingerprint": r.reference_fingerprint}
     if r.resume is None:
         return state
     saved = r.resume.trainer_state()
     if saved["reference_fingerprint"] != state["reference_fingerprint"]:
         raise CheckpointError(f"--resume {r.out}: the reference model loaded from {r.run.model!r} differs from the one "
                               f"the run started with (weights fingerprint mismatch); resume with the same --model")
-    r.policy.load_state_dict(load_policy(str(r.resume.policy_dir), dtype=r.policy.dtype,
-                                         device=r.run.device)[0].state_dict())
+    if r.sharded:  # models and optimisers from the sharded state; algorithm.pt holds the rest
+        load_sharded(r.resume.sharded_dir, r.algorithm.trainables())
+    elif r.resume.sharded_dir.exists():
+        raise CheckpointError(f"--resume {r.out}: {r.resume.path.name} was written with --sharding fsdp; resume with "
+                              f"--sharding fsdp (and the same number of processes)")
+    else:
+        r.policy.load_state_dict(load_policy(str(r.resume.policy_dir), dtype=r.policy.dtype,
+                                             device=r.run.device)[0].state_dict())
     if hasattr(r.algorithm, "load_state_dict"):
         r.algorithm.load_state_dict(r.resume.algorithm_state())
     r.sampler.update_weights(r.policy)
@@ -244,33 +286,68 @@ def _restore(r: _Run) -> dict[str, Any]:
 def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     """Greedy (or ``eval_temperature``) accuracy on the test problems, and with ``eval_sampled``
     the accuracy of one sample per problem at the training temperature and the KL to the reference
-    on those samples."""
+    on those samples. Rank 0 evaluates; the other ranks return ``{}`` at once, except in a sharded
+    run, where they join the KL's forward passes (collectives) on rank 0's samples."""
     run, cfg = r.run, r.algo_config.sampling
+    if not (r.main or r.sharded):
+        return {}
     t = time.perf_counter()
-    res = evaluate(r.eval_env, r.sampler, r.eval_problems, run.eval_samples, run.eval_temperature, run.eval_top_p,
-                   cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
+    res: dict[str, float] = {}
+    if r.main:
+        res = evaluate(r.eval_env, r.sampler, r.eval_problems, run.eval_samples, run.eval_temperature,
+                       run.eval_top_p, cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
     if run.eval_sampled:
-        n = run.eval_sampled_samples
-        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, n)
-        episodes = collect_episodes(r.eval_env, r.sampler, r.eval_problems, params,
-                                    seed=r.ctx.seed_for(iteration, "eval-sampled"))
-        res.update(sampled_metrics(episodes, r.eval_problems, n))
-        res["eval/kl"] = kl_to_reference(r.policy, r.reference, episodes, cfg.temperature, r.ctx.pad_token_id)
+        episodes = None
+        if r.main:
+            n = run.eval_sampled_samples
+            params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, n)
+            episodes = collect_episodes(r.eval_env, r.sampler, r.eval_problems, params,
+                                        seed=r.ctx.seed_for(iteration, "eval-sampled"))
+            res.update(sampled_metrics(episodes, r.eval_problems, n))
+        if r.sharded:
+            episodes = r.dist.broadcast_object(episodes)
+        kl = kl_to_reference(r.policy, r.reference, episodes, cfg.temperature, r.ctx.pad_token_id)
+        if r.main:
+            res["eval/kl"] = kl
+    if not r.main:
+        return {}
     res["time/eval"] = time.perf_counter() - t
     return res
 
 
 def _checkpoint(r: _Run, state: dict[str, Any], done: int) -> Checkpoint | None:
-    if not r.main:
-        return None
-    trainer_state = {**state, "rng": rng_state({"ctx": r.ctx.generator})}
-    return save_checkpoint(
-        r.out / "checkpoints", done, keep=r.run.keep_checkpoints,
-        save_policy=lambda path: _save(r.policy, r.tokenizer, path),
-        algorithm_state=r.algorithm.state_dict() if hasattr(r.algorithm, "state_dict") else {},
-        trainer_state=trainer_state,
-        save_extra=getattr(r.algorithm, "save", None),
-    )
+    """Rank 0 writes the checkpoint (`save_checkpoint`); in a sharded run every rank first writes
+    its shards into a staging directory (`save_sharded`), which rank 0 moves into the checkpoint as
+    ``sharded/`` before renaming it into place. Returns the checkpoint on rank 0, None elsewhere."""
+    staging = policy_state = None
+    if r.sharded:
+        staging = r.out / "checkpoints" / f".sharded-{checkpoint_name(done)}.tmp"
+        if r.main:
+            for stale in staging.parent.glob(".sharded-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir(parents=True)
+        r.dist.barrier()
+        save_sharded(staging, r.algorithm.trainables())
+        policy_state = None if _policy_copy_saves(r) else full_state_dict(r.policy)
+        r.dist.barrier()
+    ckpt = None
+    if r.main:
+        trainer_state = {**state, "rng": rng_state({"ctx": r.ctx.generator})}
+        if r.sharded:
+            # PPO's critic is in sharded/; its Hugging Face export is written to final/ only
+            save_extra = lambda path: os.replace(staging, path / SHARDED_DIR)
+        else:
+            save_extra = getattr(r.algorithm, "save", None)
+        ckpt = save_checkpoint(
+            r.out / "checkpoints", done, keep=r.run.keep_checkpoints,
+            save_policy=lambda path: _save_policy(r, path, policy_state),
+            algorithm_state=r.algorithm.state_dict() if hasattr(r.algorithm, "state_dict") else {},
+            trainer_state=trainer_state,
+            save_extra=save_extra,
+        )
+    if r.sharded:
+        r.dist.barrier()
+    return ckpt
 
 
 def _loop(r: _Run, state: dict[str, Any]) -> None:
@@ -284,7 +361,7 @@ def _loop(r: _Run, state: dict[str, Any]) -> None:
     r.start = start = time.perf_counter() - state["elapsed"]
     totals = state["totals"]
     if state["before"] is None:
-        state["before"] = state["last_eval"] = _evaluate(r, 0) if r.main else {}
+        state["before"] = state["last_eval"] = _evaluate(r, 0)
     if r.main:
         print(f"[langenv] {r.algo_name} on {run.task}: accuracy before training {state['before']['eval/accuracy']:.3f} "
               f"({len(r.eval_problems)} test problems x {run.eval_samples})")
@@ -308,8 +385,8 @@ def _loop(r: _Run, state: dict[str, Any]) -> None:
             totals["total/optimizer_steps"] += metrics.get("update/optimizer_steps", 0.0)
             totals["total/tokens"] += sum(v for k, v in metrics.items() if k.startswith("tokens/"))
             done = it + 1
-            if ((run.eval_every and done % run.eval_every == 0) or done == run.iterations) and r.main:
-                state["last_eval"] = _evaluate(r, done)
+            if ((run.eval_every and done % run.eval_every == 0) or done == run.iterations) and (r.main or r.sharded):
+                state["last_eval"] = _evaluate(r, done)  # {} off rank 0
                 metrics.update(state["last_eval"])
             signum = int(dist.all_reduce_sum(torch.tensor([float(stop.signum or 0)])).item()) if dist.world_size > 1 \
                 else stop.signum
@@ -347,6 +424,13 @@ def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
     """Save ``final/`` and ``summary.json`` (rank 0, when all iterations are done) and return the
     summary; a run stopped by --stop-after returns ``finished: False``."""
     run = r.run
+    if r.sharded and state["iteration"] >= run.iterations:  # gathers are collectives: every rank takes part
+        policy_state = None if _policy_copy_saves(r) else full_state_dict(r.policy)
+        if r.main:
+            _save_policy(r, r.out / "final", policy_state)
+        if hasattr(r.algorithm, "save"):
+            r.algorithm.save(r.out / "final")  # collective for a sharded critic; rank 0 writes
+        r.dist.barrier()
     if not r.main:
         return {"out": str(r.out), "algorithm": r.algo_name, "iterations": state["iteration"], "rank": r.dist.rank}
     if state["iteration"] < run.iterations:
@@ -355,9 +439,10 @@ def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
         print(f"[langenv] stopped after iteration {state['iteration']} of {run.iterations} (--stop-after); "
               f"checkpoint in {r.out / 'checkpoints'}; continue with --resume {r.out}")
         return {"out": str(r.out), "algorithm": r.algo_name, "iterations": state["iteration"], "finished": False}
-    _save(r.policy, r.tokenizer, r.out / "final")
-    if hasattr(r.algorithm, "save"):
-        r.algorithm.save(r.out / "final")
+    if not r.sharded:
+        _save(r.policy, r.tokenizer, r.out / "final")
+        if hasattr(r.algorithm, "save"):
+            r.algorithm.save(r.out / "final")
     if r.wandb_run is not None:
         r.wandb_run.finish()
     before, last_eval = state["before"], state["last_eval"]
@@ -378,11 +463,30 @@ def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _save(model, tokenizer, path: Path) -> None:
-    """Save in Hugging Face format through a temporary directory renamed into place."""
+def _policy_copy_saves(r: _Run) -> bool:
+    """Whether the sampler's unsharded copy can be written as the policy: it exists and holds the
+    policy's dtype (with ``--fsdp-bf16`` it is bf16 while the master weights are fp32)."""
+    return r.full_policy is not None and r.full_policy.dtype == r.policy.dtype
+
+
+def _save_policy(r: _Run, path: Path, state_dict: dict | None) -> None:
+    """Write the policy in Hugging Face format (rank 0): the model itself, or in a sharded run the
+    sampler's unsharded copy (equal to the policy after every update, `_policy_copy_saves`) or else
+    the gathered ``state_dict``."""
+    if not r.sharded:
+        _save(r.policy, r.tokenizer, path)
+    elif _policy_copy_saves(r):
+        _save(r.full_policy, r.tokenizer, path)
+    else:
+        _save(r.policy, r.tokenizer, path, state_dict=state_dict)
+
+
+def _save(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """Save in Hugging Face format through a temporary directory renamed into place (``state_dict``:
+    the full weights to write instead of the model's own, e.g. those of a sharded model)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
