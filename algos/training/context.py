@@ -124,7 +124,6 @@ class TrainContext:
         for observer in self.advantage_observers:
             observer(iteration, episodes, advantages, values)
 
-    def seed_for(self, iteration: int, purpose: str) -> int:
     def seed_for(self, iteration: int, purpose: str, per_rank: bool = True) -> int:
         """A distinct, reproducible seed per (run seed, iteration, purpose), and per rank when
         several processes train together and ``per_rank`` (False: the same seed on every rank, e.g.
