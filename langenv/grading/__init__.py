@@ -108,6 +108,7 @@ from typing import Sequence
 
 from langenv.grading._core import KIND_PREFIXES, KINDS, STATUSES, Grade, GradingError, _fast, _g, detect_kind, extract_answer, grade
 from langenv.grading._pool import FAULT_INJECTION_ENV, PYTHON_ENV, GradingPool
+from langenv.grading._rg import is_rg_kind
 from langenv.grading._worker import FAULT_PREFIX
 
 _DEFAULT: GradingPool | None = None
@@ -178,5 +179,5 @@ def is_correct(completion: str, reference: str, kind: str | None = None) -> bool
 
 __all__ = [
     "FAULT_INJECTION_ENV", "FAULT_PREFIX", "Grade", "GradingError", "GradingPool", "KIND_PREFIXES", "KINDS", "PYTHON_ENV",
-    "STATUSES", "default_pool", "detect_kind", "extract_answer", "grade", "grade_batch", "is_correct",
+    "STATUSES", "default_pool", "detect_kind", "extract_answer", "grade", "grade_batch", "is_correct", "is_rg_kind",
 ]
