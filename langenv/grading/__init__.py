@@ -106,7 +106,18 @@ import os
 import threading
 from typing import Sequence
 
-from langenv.grading._core import KIND_PREFIXES, KINDS, STATUSES, Grade, GradingError, _fast, _g, detect_kind, extract_answer, grade
+from langenv.grading._core import (
+    KIND_PREFIXES,
+    KINDS,
+    STATUSES,
+    Grade,
+    GradingError,
+    _fast,
+    _g,
+    detect_kind,
+    extract_answer,
+    grade,
+)
 from langenv.grading._pool import FAULT_INJECTION_ENV, PYTHON_ENV, GradingPool
 from langenv.grading._rg import is_rg_kind
 from langenv.grading._worker import FAULT_PREFIX

@@ -122,7 +122,7 @@ def _scorer_dataset(name: str, config_json: str):
         raise GradingError(f"reasoning-gym is not importable in the grading worker ({exc}); pip install reasoning-gym") from exc
     try:
         return reasoning_gym.create_dataset(name, size=1, seed=0, **json.loads(config_json))
-    except Exception as exc:  # noqa: BLE001 - an unknown dataset or config is a set-up error, not a verdict
+    except Exception as exc:  # an unknown dataset or config is a set-up error, not a verdict
         raise GradingError(f"reasoning-gym cannot build dataset {name!r} for grading: {type(exc).__name__}: {exc}") from exc
 
 

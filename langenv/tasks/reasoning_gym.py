@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -93,7 +94,8 @@ class ReasoningGymTask:
         step_splitter: ``split(response) -> steps``; default `STEP_SPLITTERS` of the dataset, else
             one step per line (`langenv.steps.split_gsm8k`).
         **dataset_config: the dataset's own config fields (e.g. ``min_terms=2`` for chain_sum),
-            passed to ``reasoning_gym.create_dataset``; not ``seed`` (ours per split).
+            passed to ``reasoning_gym.create_dataset`` (``seed`` and ``size`` are the task's own: each
+            split derives its generator seed from ``seed``).
 
     Raises:
         ImportError: reasoning-gym is not installed ("pip install reasoning-gym").
@@ -141,17 +143,13 @@ class ReasoningGymTask:
         self.test_size = _check_int("test_size", test_size, 1)
         config_cls = registry[dataset][1]
         fields = [f.name for f in dataclasses.fields(config_cls)] if dataclasses.is_dataclass(config_cls) else []
-        for key in ("seed",):
-            if key in dataset_config:
-                raise ValueError(f"{key}: set the task's own seed (each split derives its generator seed from it), "
-                                 f"not the dataset config's")
         unknown = [k for k in dataset_config if fields and k not in fields]
         if unknown:
             valid = [f for f in fields if f not in ("seed", "size")]
             raise ValueError(f"{unknown[0]}: not a config field of reasoning-gym's {dataset!r}; valid fields: {', '.join(valid)}")
         try:  # builds and validates the config now, so that a bad value fails here, not in `load`
             rg.create_dataset(dataset, size=1, seed=0, **dataset_config)
-        except Exception as exc:  # noqa: BLE001 - reasoning-gym raises AssertionError/ValueError/TypeError
+        except Exception as exc:  # reasoning-gym raises AssertionError/ValueError/TypeError
             raise ValueError(f"rg:{dataset}: reasoning-gym rejects the config {dataset_config!r}: "
                              f"{type(exc).__name__}: {exc}") from exc
         try:
