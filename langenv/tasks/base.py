@@ -27,7 +27,9 @@ class Problem:
         id: stable identifier within the task and split (e.g. ``"gsm8k/test/17"``).
         question: the problem statement.
         solution: the reference solution text used as the SFT target (no leading newline).
-        answer: the bare reference final answer, given to the grader.
+        answer: the reference given to the grader: the bare final answer (GSM8K, MATH, arithmetic),
+            or whatever the task's grading kind needs (``rg:<dataset>``: the JSON of the
+            reasoning-gym entry, `langenv.grading._rg.make_reference`).
         meta: extra read-only fields (subject, level, ...), as sorted key/value pairs.
     """
 
@@ -43,7 +45,8 @@ class Task(Protocol):
     """What the environment needs from a reasoning task."""
 
     name: str
-    #: grading family passed to `langenv.grading` ("gsm8k" numeric or "math" symbolic).
+    #: grading family passed to `langenv.grading` ("gsm8k"/"gsm8k_strict" numeric, "math" symbolic,
+    #: or "rg:<dataset>": reasoning-gym's own scorer).
     grading_kind: str
     #: generation stops when one of these appears in the response text.
     stop_strings: tuple[str, ...]
