@@ -1,6 +1,7 @@
 """langenv: a resettable-state Gymnasium language environment for RL on LLM reasoning.
 
-Importing the package registers the tasks ``gsm8k``, ``math`` and ``arithmetic`` and the Gymnasium
+Importing the package registers the tasks ``gsm8k``, ``math`` and ``arithmetic``, the task family
+``rg:<dataset>`` (any reasoning-gym dataset, when reasoning-gym is installed) and the Gymnasium
 ids ``langenv/GSM8K-v1``, ``langenv/MATH-v1`` and ``langenv/Arithmetic-v1`` (bump the version when
 extraction, grading, the transition or, for arithmetic, problem generation changes).
 

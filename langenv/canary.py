@@ -29,6 +29,9 @@ Control probes (``probes=True``, the default) are stepped in the same call, on s
 
 * a known-WRONG answer must score 0.0 with status "incorrect" (a grader that says 1.0 to everything
   is as useless as one that says 0.0);
+* for a reasoning-gym kind ``"rg:<dataset>"``, a known-WRONG answer (`RG_WRONG_ANSWER`) to the first
+  chosen problem (its reference is that problem's entry); the reference solutions already reach the
+  workers (an ``rg:`` kind is never decided in process);
 * for "math" grading only, known-correct answers that the in-process fast path cannot decide, so
   that they reach the `GradingPool`'s sympy/math-verify workers: the reference solutions of real
   problems are almost all decided without sympy (all 500 of MATH-500), so without these probes a
@@ -176,6 +179,10 @@ PROBES: dict[str, tuple[tuple[str, str, float], ...]] = {
 }
 
 
+#: The known-wrong control probe of the ``rg:`` kinds: no reasoning-gym answer is this string.
+RG_WRONG_ANSWER = "\n#### langenv canary: a wrong answer"
+
+
 def _pick(n: int, count: int) -> list[int]:
     """``count`` indices evenly spaced over ``range(n)`` (all of them when count >= n)."""
     if count >= n:
@@ -204,7 +211,10 @@ def _probe_problems(env: Any, first: Problem) -> list[tuple[Problem, str, float,
     """The control probes for the env's grading kind: (problem, response text, expected, note)."""
     kind = env.task.grading_kind
     out = []
-    for j, (answer, text, expected) in enumerate(PROBES.get(kind, ())):
+    probes = PROBES.get(kind, ())
+    if grading.is_rg_kind(kind):
+        probes = ((first.answer, RG_WRONG_ANSWER, 0.0),)
+    for j, (answer, text, expected) in enumerate(probes):
         problem = Problem(id=f"canary/{kind}/{j}", question=first.question, solution=text.lstrip("\n"),
                           answer=answer)
         note = "control probe"
@@ -314,4 +324,4 @@ def check_canary(env: Any, count: int = DEFAULT_COUNT, probes: bool = True) -> C
     return result
 
 
-__all__ = ["DEFAULT_COUNT", "PROBES", "CanaryItem", "CanaryResult", "check_canary", "run_canary"]
+__all__ = ["DEFAULT_COUNT", "PROBES", "RG_WRONG_ANSWER", "CanaryItem", "CanaryResult", "check_canary", "run_canary"]

@@ -114,7 +114,9 @@ class TinySetup:
 
 def tiny_setup(task_name: str) -> TinySetup:
     """The tiny-model setup of a task: the character-level arithmetic setup
-    (`TINY_ARITHMETIC_MODEL`, `TINY_ARITHMETIC_SFT`) for ``"arithmetic"``, the GSM8K one
+    (`TINY_ARITHMETIC_MODEL`, `TINY_ARITHMETIC_SFT`) for ``"arithmetic"`` and for every
+    reasoning-gym task ``"rg:<dataset>"`` (procedural, short answers, a small alphabet; not tuned
+    per dataset: the hyper-parameters are the arithmetic ones), the GSM8K one
     (byte-level BPE of `DEFAULT_VOCAB_SIZE`, `TINY_GSM8K_MODEL`, `TINY_GSM8K_SFT`) for any other
     task. Use it as::
 
@@ -122,7 +124,7 @@ def tiny_setup(task_name: str) -> TinySetup:
         warm_start(name, examples, texts, cache_dir, setup.model_overrides, setup.sft_config,
                    progress=progress, vocab_size=setup.vocab_size, tokenizer=setup.tokenizer)
     """
-    if task_name == "arithmetic":
+    if task_name == "arithmetic" or task_name.startswith("rg:"):
         return TinySetup("char", None, dict(TINY_ARITHMETIC_MODEL), TINY_ARITHMETIC_SFT)
     return TinySetup("bpe", DEFAULT_VOCAB_SIZE, dict(TINY_GSM8K_MODEL), TINY_GSM8K_SFT)
 
@@ -307,5 +309,6 @@ def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:
     problems = task.load("train")
     examples = [(task.prompt(p), task.target(p)) for p in problems]
     texts = [t for pair in examples for t in pair]
-    return warm_start(f"tiny-{task.name}", examples, texts, cache_dir, setup.model_overrides, setup.sft_config,
+    name = "tiny-" + re.sub(r"[^A-Za-z0-9._-]", "-", task.name)  # "rg:countdown" -> "tiny-rg-countdown"
+    return warm_start(name, examples, texts, cache_dir, setup.model_overrides, setup.sft_config,
                       progress=progress, vocab_size=setup.vocab_size, tokenizer=setup.tokenizer)

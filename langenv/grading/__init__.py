@@ -57,6 +57,15 @@ Extraction (`extract_answer`; inputs are cut at the first end-of-turn token such
       (McGill-NLP/VinePPO, tasks/gsm8k.py). The reference is read, and the numbers compared, as
       for "gsm8k". `is_correct` / `grade_batch` with kind "gsm8k" (or None) stay lenient.
 
+REASONING-GYM kinds ``"rg:<dataset>"`` (the grading kind of `langenv.tasks.reasoning_gym`'s
+tasks; `langenv.grading._rg` has the details): the reference is the JSON of a reasoning-gym entry;
+the answer is the rest of the completion's last ``####`` line (no ``####``: "no_answer"); the
+dataset's own ``score_answer`` scores it, always inside a worker (never decided in process: some
+scorers parse model text, e.g. countdown's sympy ``parse_expr``). Partial credit is binary: score
+>= 1.0 is "correct", anything lower "incorrect" (countdown's 0.01 format credit included). A scorer
+that raises or returns a non-number is "invalid" with `Grade.cause`; reasoning-gym missing in the
+worker, or an unknown dataset, is "error".
+
 Policies for the contested categories of ``shared/testdata/grader_cases.jsonl``:
     * Lists (commas, ';', "and"/"or", several joined boxes) are UNORDERED SETS: every reference
       element must equal some predicted element AND every predicted element must equal some
@@ -97,8 +106,20 @@ import os
 import threading
 from typing import Sequence
 
-from langenv.grading._core import KINDS, STATUSES, Grade, GradingError, _fast, _g, detect_kind, extract_answer, grade
+from langenv.grading._core import (
+    KIND_PREFIXES,
+    KINDS,
+    STATUSES,
+    Grade,
+    GradingError,
+    _fast,
+    _g,
+    detect_kind,
+    extract_answer,
+    grade,
+)
 from langenv.grading._pool import FAULT_INJECTION_ENV, PYTHON_ENV, GradingPool
+from langenv.grading._rg import is_rg_kind
 from langenv.grading._worker import FAULT_PREFIX
 
 _DEFAULT: GradingPool | None = None
@@ -137,7 +158,8 @@ def grade_batch(
 ) -> list[Grade]:
     """Grade completions[i] against references[i] with `default_pool`.
 
-    ``kind`` is one kind for all, a per-item sequence, or None (detected per reference);
+    ``kind`` is one kind for all, a per-item sequence, or None (detected per reference); an
+    ``"rg:<dataset>"`` kind always goes to a worker (`langenv.grading._rg`);
     ``timeout_s`` (seconds) overrides the per-check limit. Returns one `Grade` per item, in order.
     An item the grader could not check is Grade(0.0, "error", cause): count those and do not use
     their reward as a score.
@@ -167,6 +189,6 @@ def is_correct(completion: str, reference: str, kind: str | None = None) -> bool
 
 
 __all__ = [
-    "FAULT_INJECTION_ENV", "FAULT_PREFIX", "Grade", "GradingError", "GradingPool", "KINDS", "PYTHON_ENV",
-    "STATUSES", "default_pool", "detect_kind", "extract_answer", "grade", "grade_batch", "is_correct",
+    "FAULT_INJECTION_ENV", "FAULT_PREFIX", "Grade", "GradingError", "GradingPool", "KIND_PREFIXES", "KINDS", "PYTHON_ENV",
+    "STATUSES", "default_pool", "detect_kind", "extract_answer", "grade", "grade_batch", "is_correct", "is_rg_kind",
 ]

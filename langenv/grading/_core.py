@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 
 from langenv.grading import _extract as X
 from langenv.grading import _text as T
+from langenv.grading._rg import RG_PREFIX, is_rg_kind
 
 STATUSES: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "invalid", "error")
 KINDS: tuple[str, ...] = ("gsm8k", "math", "gsm8k_strict")
+#: The reasoning-gym kind family ``"rg:<dataset>"`` (not in KINDS: one kind per dataset; see
+#: `langenv.grading._rg`): graded by the dataset's own ``score_answer``, only in a worker.
+KIND_PREFIXES: tuple[str, ...] = (RG_PREFIX,)
 
 
 class GradingError(RuntimeError):
@@ -27,8 +31,9 @@ class GradingError(RuntimeError):
 class Grade:
     """Result of one check: ``reward`` is 1.0 for "correct", else 0.0; ``status`` is in STATUSES.
 
-    ``cause`` says why for status "error" (e.g. "grading worker could not start: ..."); it is ""
-    otherwise and is not part of equality (``Grade(0.0, "error", "x") == Grade(0.0, "error")``)."""
+    ``cause`` says why for status "error" (e.g. "grading worker could not start: ..."), and for an
+    "invalid" of an ``rg:`` kind (e.g. "reasoning-gym's countdown score_answer raised KeyError: ...");
+    it is "" otherwise and is not part of equality (``Grade(0.0, "error", "x") == Grade(0.0, "error")``)."""
 
     reward: float
     status: str
@@ -52,7 +57,13 @@ def extract_answer(text: str, kind: str) -> str | None:
     """The final answer of a completion or of a reference (solution, rationale or bare answer),
     as a raw string, or None when there is none. ``kind`` "gsm8k" and "math" share the lenient
     rules; "gsm8k_strict" reads only the last ``#### ..`` line (None without one: the VinePPO
-    paper's GSM8K rule). Never raises for a str."""
+    paper's GSM8K rule); an ``"rg:<dataset>"`` kind reads the rest of the last ``####`` line as is
+    (`langenv.grading._rg.extract`; a multi-line reference answer is read to the end of the text
+    when grading). Never raises for a str."""
+    if is_rg_kind(kind):
+        from langenv.grading import _rg
+
+        return _rg.extract(text)
     return X.extract(text, kind)
 
 
@@ -185,12 +196,18 @@ def _grade(completion: str, reference: str, kind: str | None, symbolic: bool) ->
 def grade(completion: str, reference: str, kind: str | None = None) -> Grade:
     """Grade one completion in this process (see the module docstring for the rules/statuses).
 
-    ``kind`` is "gsm8k", "gsm8k_strict" (a completion without a ``#### ..`` line is "no_answer") or
-    "math"; None (or anything else) means `detect_kind(reference)`.
-    Never returns "error". Raises `GradingError` only when sympy / math-verify cannot be imported;
+    ``kind`` is "gsm8k", "gsm8k_strict" (a completion without a ``#### ..`` line is "no_answer"),
+    "math", or ``"rg:<dataset>"`` (reasoning-gym's own scorer, `langenv.grading._rg.grade_rg`);
+    None (or anything else) means `detect_kind(reference)`.
+    Never returns "error". Raises `GradingError` only when sympy / math-verify cannot be imported,
+    or, for an ``rg:`` kind, when reasoning-gym cannot be imported or does not know the dataset;
     otherwise never raises for str inputs (a non-str input is "invalid"). math-verify's 1 s alarms run only
     in the main thread; in another thread a symbolic check can hang, and in any thread a C-level
     blow-up is not interruptible, so use it inside a worker or where hangs are acceptable."""
+    if is_rg_kind(kind):
+        from langenv.grading import _rg
+
+        return _rg.grade_rg(completion, reference, kind)
     try:
         return _grade(completion, reference, kind, symbolic=True)
     except ImportError as exc:  # never the answer's fault: sympy / math-verify is missing or broken
@@ -204,7 +221,10 @@ def grade(completion: str, reference: str, kind: str | None = None) -> Grade:
 
 
 def _fast(completion: str, reference: str, kind: str | None) -> Grade | None:
-    """The grade if it needs no sympy (strings, exact numbers, guards), else None. Never raises."""
+    """The grade if it needs no sympy (strings, exact numbers, guards), else None. Never raises.
+    An ``rg:`` kind is always None: reasoning-gym's scorers run only in a worker."""
+    if is_rg_kind(kind):
+        return None
     try:
         return _grade(completion, reference, kind, symbolic=False)
     except T.NeedSympy:

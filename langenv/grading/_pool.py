@@ -25,6 +25,7 @@ from typing import ClassVar, Sequence
 
 from langenv.grading import _extract as X
 from langenv.grading._core import Grade, _fast, _g
+from langenv.grading._rg import is_rg_kind
 from langenv.grading._worker import FAULT_PREFIX
 
 _log = logging.getLogger("langenv.grading")
@@ -51,6 +52,7 @@ class _Worker:
         self.stderr = tempfile.TemporaryFile()
         self.buf = b""
         self.state = "starting"  # -> "idle" <-> "busy"; "dead" once killed or exited
+        self.rg_loaded = False  # True once it was given an rg: check (which imports reasoning-gym)
         self.job: tuple[int, tuple] | None = None
         self.deadline = time.monotonic() + start_timeout_s
         self.proc = subprocess.Popen(
@@ -131,7 +133,9 @@ class GradingPool:
         memory_mb: RLIMIT_AS of each worker (MiB of address space). A check that hits it gets a
             MemoryError, caught in the worker, and is Grade(0, "invalid").
         start_timeout_s: seconds a new worker may take to import and warm up sympy / math-verify
-            (about 1 s on 2 idle cores) before it counts as failed to start.
+            (about 1 s on 2 idle cores) before it counts as failed to start. The first
+            reasoning-gym check (kind ``"rg:<dataset>"``) on a worker also gets this much more than
+            ``timeout_s``: it imports reasoning-gym (0.7-2 s) before scoring.
 
     `grade_many` decides string/numeric checks in process (no IPC) and sends the rest to the
     workers. It never raises for model text and never waits forever. Statuses it adds to those of
@@ -271,8 +275,8 @@ class GradingPool:
             elif w.job is not None:
                 i = w.job[0]
                 if "grade" in msg:
-                    reward, status = msg["grade"]
-                    results[i] = Grade(float(reward), str(status))
+                    reward, status, *cause = msg["grade"]
+                    results[i] = Grade(float(reward), str(status), str(cause[0]) if cause else "")
                 else:
                     self.stats["error"] += 1
                     self.last_error = f"grading worker raised {msg.get('error')}"
@@ -297,7 +301,8 @@ class GradingPool:
             g = None if self._takes_pool_path(r) else _fast(c, r, k)
             results.append(g)
             if g is None:  # only the capped text travels (extraction never looks further)
-                r_sent = r if self._takes_pool_path(r) else X.cap(r)
+                # an rg: reference is the JSON of a whole entry: it travels whole
+                r_sent = r if self._takes_pool_path(r) or is_rg_kind(k) else X.cap(r)
                 pending.append((i, (X.cap(c), r_sent, k)))
         self.stats["fast"] += len(results) - len(pending)
         self.stats["pool"] += len(pending)
@@ -337,6 +342,9 @@ class GradingPool:
                 if w.state == "idle" and queue:
                     w.job = queue.popleft()
                     w.state, w.deadline = "busy", time.monotonic() + timeout
+                    if is_rg_kind(w.job[1][2]) and not w.rg_loaded:  # it imports reasoning-gym first
+                        w.deadline += self.start_timeout_s
+                        w.rg_loaded = True
                     try:
                         w.send(w.job[1])
                     except OSError:  # it died while idle: treat as a crash during this check

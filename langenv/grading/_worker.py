@@ -12,8 +12,11 @@ Protocol (UTF-8 JSON lines):
         sympy / math-verify are imported and warm). A start-up failure is a traceback on stderr and
         a non-zero exit before that line.
     pool -> worker, one per check: ``[completion, reference, kind]``.
-    worker -> pool, one per check: ``{"grade": [reward, status]}``, or ``{"error": "<exception>"}``
-        when the worker's own code failed outside `langenv.grading.grade` (a bug, not a verdict).
+    worker -> pool, one per check: ``{"grade": [reward, status, cause]}`` (``cause`` is "" except
+        for an ``rg:`` kind's "invalid", see `langenv.grading._rg`), or ``{"error": "<exception>"}``
+        when the worker's own code failed outside `langenv.grading.grade` (a bug, not a verdict), or
+        `langenv.grading.GradingError` was raised (reasoning-gym not importable, unknown dataset).
+    An ``rg:`` check imports reasoning-gym on first use (not at start-up: most pools never need it).
 The worker's file descriptor 1 is redirected to stderr after start-up, so a stray ``print`` in a
 library cannot corrupt the protocol. It exits at end of input, and within a second when its
 parent dies (a watchdog thread polls the parent pid: a daemonic parent killed by
@@ -99,8 +102,8 @@ def inject_fault(reference: str) -> str:
     return real
 
 
-def run(completion: str, reference: str, kind: str | None) -> tuple[float, str]:
-    """One check; returns (reward, status). A MemoryError outside `grade` (which already maps it
+def run(completion: str, reference: str, kind: str | None) -> tuple[float, str, str]:
+    """One check; returns (reward, status, cause). A MemoryError outside `grade` (which already maps it
     to "invalid"), e.g. while handling the arguments, is also "invalid"; the worker lives on.
 
     Raises:
@@ -112,9 +115,9 @@ def run(completion: str, reference: str, kind: str | None) -> tuple[float, str]:
         if _FAULT_INJECTION and isinstance(reference, str) and reference.startswith(FAULT_PREFIX):
             reference = inject_fault(reference)
         g = grade(completion, reference, kind)
-        return g.reward, g.status
+        return g.reward, g.status, g.cause
     except MemoryError:
-        return 0.0, "invalid"
+        return 0.0, "invalid", "MemoryError (the worker's memory cap)"
 
 
 def _watch_parent(parent: int) -> None:
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             completion, reference, kind = json.loads(line)
             reply = {"grade": list(run(completion, reference, kind))}
         except MemoryError:
-            reply = {"grade": [0.0, "invalid"]}
+            reply = {"grade": [0.0, "invalid", "MemoryError (the worker's memory cap)"]}
         except Exception as exc:  # noqa: BLE001 - reported to the pool, which records "error"
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(reply) + "\n")

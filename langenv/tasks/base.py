@@ -27,7 +27,9 @@ class Problem:
         id: stable identifier within the task and split (e.g. ``"gsm8k/test/17"``).
         question: the problem statement.
         solution: the reference solution text used as the SFT target (no leading newline).
-        answer: the bare reference final answer, given to the grader.
+        answer: the reference given to the grader: the bare final answer (GSM8K, MATH, arithmetic),
+            or whatever the task's grading kind needs (``rg:<dataset>``: the JSON of the
+            reasoning-gym entry, `langenv.grading._rg.make_reference`).
         meta: extra read-only fields (subject, level, ...), as sorted key/value pairs.
     """
 
@@ -43,7 +45,8 @@ class Task(Protocol):
     """What the environment needs from a reasoning task."""
 
     name: str
-    #: grading family passed to `langenv.grading` ("gsm8k" numeric or "math" symbolic).
+    #: grading family passed to `langenv.grading` ("gsm8k"/"gsm8k_strict" numeric, "math" symbolic,
+    #: or "rg:<dataset>": reasoning-gym's own scorer).
     grading_kind: str
     #: generation stops when one of these appears in the response text.
     stop_strings: tuple[str, ...]
@@ -62,6 +65,8 @@ class Task(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
+#: prefix -> factory(rest_of_name, **kwargs), for task families such as ``"rg:<dataset>"``.
+_PREFIXES: dict[str, Callable[..., Task]] = {}
 
 
 def register_task(name: str, factory: Callable[..., Task]) -> None:
@@ -75,17 +80,47 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
     _REGISTRY[name] = factory
 
 
+def register_task_prefix(prefix: str, factory: Callable[..., Task]) -> None:
+    """Register a family of tasks: `make_task` builds ``prefix + rest`` (a name not registered
+    exactly) as ``factory(rest, **kwargs)``. E.g. ``register_task_prefix("rg:", ReasoningGymTask)``
+    makes ``make_task("rg:countdown")`` build ``ReasoningGymTask("countdown")``. The factory
+    raises ValueError for a ``rest`` it does not know (naming a few valid ones).
+
+    Raises:
+        ValueError: ``prefix`` is empty, or already registered with a different factory.
+    """
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"prefix: expected a non-empty str, got {prefix!r}")
+    if prefix in _PREFIXES and _PREFIXES[prefix] is not factory:
+        raise ValueError(f"task prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = factory
+
+
 def task_names() -> list[str]:
-    """Names of all registered tasks, sorted."""
+    """Names of all registered tasks, sorted (task families registered by prefix are listed by
+    `task_prefixes`)."""
     return sorted(_REGISTRY)
 
 
+def task_prefixes() -> list[str]:
+    """Prefixes of the registered task families (e.g. ``"rg:"``), sorted."""
+    return sorted(_PREFIXES)
+
+
 def make_task(name: str, **kwargs) -> Task:
-    """Build a registered task.
+    """Build a registered task: an exact name, else ``<prefix><rest>`` of a registered family
+    (the longest matching prefix), e.g. ``make_task("rg:countdown", train_size=500)``.
 
     Raises:
-        ValueError: for an unknown name; the message lists the registered names.
+        ValueError: for an unknown name (the message lists the registered names and families), or
+            whatever the task's factory raises for its arguments (e.g. an unknown reasoning-gym
+            dataset).
+        ImportError: the family's optional dependency is missing (e.g. reasoning-gym for ``rg:``).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}")
-    return _REGISTRY[name](**kwargs)
+    if name in _REGISTRY:
+        return _REGISTRY[name](**kwargs)
+    prefix = max((p for p in _PREFIXES if isinstance(name, str) and name.startswith(p)), key=len, default=None)
+    if prefix is not None:
+        return _PREFIXES[prefix](name[len(prefix):], **kwargs)
+    families = "".join(f", {p}<name>" for p in task_prefixes())
+    raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}{families}")
