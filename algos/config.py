@@ -28,15 +28,8 @@ import torch
 
 from algos.core import POLICY_LOSSES, AggregationMode
 from algos.samplers.base import SamplingParams
-from algos.training.checks import (
-    check_at_most,
-    check_finite,
-    check_fraction,
-    check_non_negative,
-    check_positive,
-    check_top_p,
-    check_types,
-)
+from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
+                                   check_top_p, check_types)
 
 C = TypeVar("C")
 

@@ -57,14 +57,8 @@ from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
 from algos.samplers.base import Sampler
 from algos.samplers.hf import HFSampler
-from algos.training.checks import (
-    check_at_least,
-    check_finite,
-    check_interval,
-    check_non_negative,
-    check_positive,
-    check_types,
-)
+from algos.training.checks import (check_at_least, check_finite, check_interval, check_non_negative, check_positive,
+                                   check_types)
 from algos.training.context import TrainContext
 
 

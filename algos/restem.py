@@ -53,15 +53,8 @@ import torch
 from algos.config import OptimConfig, SamplingConfig, with_fields
 from algos.models.policy import batch_sequences, response_logprobs
 from algos.rollout import Episode, collect_episodes, episode_metrics
-from algos.training.checks import (
-    check_at_least,
-    check_finite,
-    check_interval,
-    check_non_negative,
-    check_positive,
-    check_top_p,
-    check_types,
-)
+from algos.training.checks import (check_at_least, check_finite, check_interval, check_non_negative, check_positive,
+                                   check_top_p, check_types)
 from algos.training.context import TrainContext
 from algos.training.evaluation import evaluate
 from langenv.env import LanguageEnv

@@ -16,7 +16,7 @@ The procedure (`pretrain_critic`):
    episodes are of problems the critic never trains on.
 2. **Rounds.** Each round draws ``prompts_per_iteration`` problems from the pool, samples
    ``samples_per_prompt`` responses each with PPO's sampling settings, and runs one PPO critic
-   update (`algos.ppo.critic_update`: the clipped value loss, PPO's epochs and mini-batches) on
+   update (`algos.critic.critic_update`: the clipped value loss, PPO's epochs and mini-batches) on
    them, with a fresh AdamW of its own (learning rate ``value_pretrain_learning_rate``, PPO's
    warm-up ratio and linear decay over the step budget), so PPO's own critic schedule is untouched.
    The policy is never updated.
@@ -64,7 +64,8 @@ from algos.rollout import Episode, collect_episodes
 from algos.training.checks import check_fraction, check_non_negative, check_positive, check_types
 
 if TYPE_CHECKING:  # algos.ppo imports this module for its config
-    from algos.ppo import CriticSettings, PPOConfig, ValueModel
+    from algos.critic import CriticSettings, ValueModel
+    from algos.ppo import PPOConfig
     from algos.training.context import TrainContext
 
 __all__ = [
@@ -173,7 +174,7 @@ def heldout_split(problems: Sequence, n_heldout: int, seed: int) -> tuple[list, 
 def monte_carlo_returns(batch: dict[str, Tensor], rewards: Sequence[float], gamma: float = 1.0) -> Tensor:
     """λ = 1 targets: the discounted reward-to-go ``G_t = Σ_{l≥0} γ^l r_{t+l}`` (GAE with λ = 1,
     Schulman et al. 2016 eq. 18, which does not depend on V; VC-PPO §4.1), with the outcome reward
-    on the last response token (`algos.ppo.terminal_rewards`). With γ = 1: ``G_t = R`` on every
+    on the last response token (`algos.critic.terminal_rewards`). With γ = 1: ``G_t = R`` on every
     response token.
 
     Args:
@@ -182,7 +183,7 @@ def monte_carlo_returns(batch: dict[str, Tensor], rewards: Sequence[float], gamm
     Returns:
         (B, L) float32, 0 outside ``response_mask``.
     """
-    from algos.ppo import terminal_rewards
+    from algos.critic import terminal_rewards
 
     mask = batch["response_mask"].float()
     per_token = terminal_rewards(batch, rewards)
@@ -196,14 +197,14 @@ def value_loss(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 
 def evaluate_critic(critic: ValueModel, batch: dict[str, Tensor], returns: Tensor, micro_batch_size: int,
                     bf16_autocast: bool = False) -> tuple[float, float]:
-    """The critic's `value_loss` and explained variance (`algos.ppo.explained_variance`) on a batch.
+    """The critic's `value_loss` and explained variance (`algos.critic.explained_variance`) on a batch.
 
     Args:
         batch: a right-padded `batch_sequences` batch; returns: (B, L) targets.
     Returns:
         (loss, explained variance).
     """
-    from algos.ppo import compute_values, explained_variance
+    from algos.critic import compute_values, explained_variance
 
     values = compute_values(critic, batch, micro_batch_size, bf16_autocast)
     mask = batch["response_mask"]
@@ -254,7 +255,7 @@ def pretrain_critic(critic: ValueModel, ctx: TrainContext, config: PPOConfig, se
         ctx: the trainer's context (policy, sampler, env, task).
         config: the `algos.ppo.PPOConfig` (``value_pretrain``, ``sampling``, ``optim``,
             ``critic_learning_rate``, ``gamma``).
-        settings: the critic update's settings (`algos.ppo.CriticSettings`).
+        settings: the critic update's settings (`algos.critic.CriticSettings`).
         cache_dir: the run's cache directory; None (or ``value_pretrain_cache=False``) neither reads
             nor writes a cache.
     Returns:
@@ -267,7 +268,7 @@ def pretrain_critic(critic: ValueModel, ctx: TrainContext, config: PPOConfig, se
         ValueError: too few train problems (`heldout_split`).
         langenv.grading.GradingError: from the episode collection (`algos.rollout.check_grading_errors`).
     """
-    from algos.ppo import ValueModel, compute_values, critic_update
+    from algos.critic import ValueModel, compute_values, critic_update
 
     pre = config.value_pretrain
     if not pre.enabled:

@@ -15,17 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import langenv
 from algos.models.sft import SFTConfig
 from algos.models.tiny import DEFAULT_VOCAB_SIZE, build_char_tokenizer, build_tiny_model
-from algos.models.warm_start import (
-    TINY_ARITHMETIC_MODEL,
-    TINY_ARITHMETIC_SFT,
-    TINY_GSM8K_MODEL,
-    TINY_GSM8K_SFT,
-    WARM_START_MARKER,
-    TinySetup,
-    tiny_setup,
-    warm_start,
-    warm_start_key,
-)
+from algos.models.warm_start import (TINY_ARITHMETIC_MODEL, TINY_ARITHMETIC_SFT, TINY_GSM8K_MODEL, TINY_GSM8K_SFT,
+                                     WARM_START_MARKER, TinySetup, tiny_setup, warm_start, warm_start_key)
 from langenv import grading
 from langenv.tasks import ArithmeticTask, make_task
 from langenv.tasks import arithmetic as arith

@@ -24,8 +24,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from algos.actor import ActorSettings, actor_update
+from algos.critic import CriticSettings, ValueModel, compute_values, critic_update
 from algos.models.policy import batch_sequences
-from algos.ppo import CriticSettings, ValueModel, compute_values, critic_update
 from algos.training.distributed import Dist, current
 
 N_EPISODES = 8  # global batch

@@ -12,17 +12,9 @@ import torch
 
 from algos import core
 from algos.config import make_optimizer, with_fields
+from algos.critic import CriticSettings, ValueModel, compute_values, critic_update, explained_variance, terminal_rewards
 from algos.models.policy import batch_sequences, clone_reference
-from algos.ppo import (
-    PPO,
-    CriticSettings,
-    PPOConfig,
-    ValueModel,
-    compute_values,
-    critic_update,
-    explained_variance,
-    terminal_rewards,
-)
+from algos.ppo import PPO, PPOConfig
 from algos.samplers.base import Completion
 from algos.training.context import TrainContext
 from langenv import LanguageEnv, Problem

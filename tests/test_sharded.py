@@ -31,22 +31,13 @@ for path in (str(ROOT), str(TESTS)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from test_distributed import (
-    N_EPISODES,
-    SCENARIOS,
-    STAT_KEYS,
-    actor_settings,
-    free_port,
-    load_payload,
-    make_optimizer,
-    run_updates,
-    tiny_llama,
-)
+from test_distributed import (N_EPISODES, SCENARIOS, STAT_KEYS, actor_settings, free_port, load_payload, make_optimizer,
+                              run_updates, tiny_llama)
 
 from algos.actor import actor_update, place_per_token
+from algos.critic import CriticSettings, ValueModel, compute_values, critic_update
 from algos.models.policy import batch_sequences
 from algos.models.sharding import full_tensors, is_sharded, shard_model
-from algos.ppo import CriticSettings, ValueModel, compute_values, critic_update
 from algos.samplers.base import copy_weights
 from algos.training.distributed import current
 

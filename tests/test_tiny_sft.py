@@ -12,14 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import algos.models.warm_start as warm_start_module
-from algos.models.sft import (
-    IGNORE_INDEX,
-    SFTConfig,
-    sft_examples_to_batches,
-    sft_loss,
-    tokenize_sft_examples,
-    train_sft,
-)
+from algos.models.sft import (IGNORE_INDEX, SFTConfig, sft_examples_to_batches, sft_loss, tokenize_sft_examples,
+                              train_sft)
 from algos.models.tiny import build_tiny_model, build_tokenizer, count_parameters, tiny_config
 from algos.models.warm_start import WARM_START_MARKER, warm_start
 

@@ -12,21 +12,14 @@ import torch
 from conftest import GuessTask
 
 from algos.config import with_fields
+from algos.critic import ValueModel
 from algos.models.policy import batch_sequences, clone_reference, load_policy
-from algos.ppo import PPO, PPOConfig, ValueModel
+from algos.ppo import PPO, PPOConfig
 from algos.rollout import collect_episodes
 from algos.samplers.hf import HFSampler
 from algos.training.context import TrainContext
-from algos.value_pretraining import (
-    MARKER,
-    ValuePretrainConfig,
-    cache_key,
-    evaluate_critic,
-    heldout_split,
-    monte_carlo_returns,
-    pretrain_critic,
-    stop_reason,
-)
+from algos.value_pretraining import (MARKER, ValuePretrainConfig, cache_key, evaluate_critic, heldout_split,
+                                     monte_carlo_returns, pretrain_critic, stop_reason)
 from langenv import LanguageEnv
 
 

@@ -10,7 +10,7 @@ moments as shards too (ZeRO-3: parameters, gradients and optimiser states all sh
 all-gathered for their forward/backward and freed again after it.
 
 Gradient reduction: FSDP2 reduce-scatters gradients in backward and by default *averages* them over
-ranks. The updates here (`algos.actor.actor_update`, `algos.ppo.critic_update`) give each rank's loss
+ranks. The updates here (`algos.actor.actor_update`, `algos.critic.critic_update`) give each rank's loss
 its share of the *global* normaliser, so the gradients must be *summed*: `shard_model` sets every FSDP
 unit's divide factor to 1 with sum-only collectives (``set_gradient_divide_factor(1.0)``,
 ``set_force_sum_reduction_for_comms(True)``, which also works with gloo, which has no PREMUL_SUM).
@@ -67,7 +67,7 @@ def shard_model(model: torch.nn.Module, *, bf16: bool = False, reshard_after_for
     """Wrap ``model`` in place with FSDP2: ``fully_shard`` on every transformer block, then the root.
 
     Args:
-        model: a Hugging Face causal LM, a backbone, or `algos.ppo.ValueModel`, on this rank's device,
+        model: a Hugging Face causal LM, a backbone, or `algos.critic.ValueModel`, on this rank's device,
             with the same weights on every rank (each rank keeps its slice of its own copy).
         bf16: `mixed_precision_policy` (bf16 compute, fp32 master weights and gradient reduction).
         reshard_after_forward: free the gathered parameters after each unit's forward (ZeRO-3);

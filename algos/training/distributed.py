@@ -1,7 +1,7 @@
 """Multi-process data parallelism at the update level: a thin layer over accelerate and torch.distributed.
 
 Every rank holds a full copy of the policy (and critic, reference) and its own shard of each
-iteration's episodes; the updates (`algos.actor.actor_update`, `algos.ppo.critic_update`) sum
+iteration's episodes; the updates (`algos.actor.actor_update`, `algos.critic.critic_update`) sum
 gradients and loss normalisers across ranks so that one data-parallel update equals a
 single-process update on the concatenated global batch, up to float summation order.
 
