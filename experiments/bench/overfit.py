@@ -63,6 +63,8 @@ class OverfitConfig:
     """Runs at once (each tiny-model run uses one CPU thread)."""
     out: Path | None = None
     """Results folder (default experiments/bench/results/overfit-<task>)."""
+    report_only: bool = False
+    """Only print and write the report of what the runs have logged so far (finished or not)."""
 
 
 def specs(cfg: OverfitConfig) -> list[RunSpec]:
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = tyro.cli(OverfitConfig, args=argv)
     out = cfg.out or Path(__file__).resolve().parent / "results" / f"overfit-{cfg.task}"
     run_specs = specs(cfg)
-    run_all(run_specs, cfg.task, cfg.model, cfg.iterations, out, cfg.jobs)
+    if not cfg.report_only:
+        run_all(run_specs, cfg.task, cfg.model, cfg.iterations, out, cfg.jobs)
     return report(cfg, run_specs, out)
 
 
