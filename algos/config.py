@@ -179,6 +179,22 @@ def make_optimizer(model, learning_rate: float, weight_decay: float, warmup_rati
     return optimizer, scheduler
 
 
+def optimizer_state(optimizer, scheduler, sharded: bool = False) -> dict:
+    """What a resumable checkpoint needs of an optimiser and its LR schedule (``algorithm.pt``); with
+    ``--sharding fsdp`` the optimiser's state is in the checkpoint's ``sharded/`` instead (`trainables`)."""
+    state = {"scheduler": scheduler.state_dict()}
+    if not sharded:
+        state["optimizer"] = optimizer.state_dict()
+    return state
+
+
+def load_optimizer_state(optimizer, scheduler, state: dict) -> None:
+    """Restore what `optimizer_state` saved (the optimiser only when it was saved there)."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+
+
 def advance_schedule(scheduler, steps: int) -> None:
     """Step ``scheduler`` ``steps`` more times without an optimiser step, for optimiser steps that
     were planned but not taken (e.g. GRPO's dropped groups), so that the schedule still reaches its

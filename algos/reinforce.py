@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from algos.actor import ActorSettings, actor_update
-from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, load_optimizer_state, optimizer_state, with_fields
 from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import collect_episodes, episode_metrics
 from algos.training.checks import check_interval, check_types
@@ -60,15 +60,10 @@ class REINFORCE:
         self.baseline: float | None = None
 
     def state_dict(self) -> dict:
-        state = {"scheduler": self.scheduler.state_dict(), "baseline": self.baseline}
-        if not self.ctx.sharded:  # sharded: the optimiser is in the checkpoint's sharded/ (`trainables`)
-            state["optimizer"] = self.optimizer.state_dict()
-        return state
+        return {**optimizer_state(self.optimizer, self.scheduler, self.ctx.sharded), "baseline": self.baseline}
 
     def load_state_dict(self, state: dict) -> None:
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(self.optimizer, self.scheduler, state)
         self.baseline = state["baseline"]
 
     def trainables(self) -> dict:

@@ -28,7 +28,8 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update, batch_logprobs
-from algos.config import ActorConfig, OptimConfig, SamplingConfig, advance_schedule, with_fields
+from algos.config import (ActorConfig, OptimConfig, SamplingConfig, advance_schedule, load_optimizer_state,
+                          optimizer_state, with_fields)
 from algos.models.policy import batch_sequences
 from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import episode_metrics
@@ -95,15 +96,10 @@ class RLOO:
 
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
-        state = {"scheduler": self.scheduler.state_dict()}
-        if not self.ctx.sharded:  # sharded: the optimiser is in the checkpoint's sharded/ (`trainables`)
-            state["optimizer"] = self.optimizer.state_dict()
-        return state
+        return optimizer_state(self.optimizer, self.scheduler, self.ctx.sharded)
 
     def load_state_dict(self, state: dict) -> None:
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(self.optimizer, self.scheduler, state)
 
     def trainables(self) -> dict:
         """The trained modules and their optimisers, by name (sharded checkpoints, `algos.training.context`)."""

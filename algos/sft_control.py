@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from algos import core
-from algos.config import OptimConfig, SamplingConfig, with_fields
+from algos.config import OptimConfig, SamplingConfig, load_optimizer_state, optimizer_state, with_fields
 from algos.models.policy import batch_sequences, response_logprobs
 from algos.training.checks import check_types
 from algos.training.context import TrainContext
@@ -63,11 +63,10 @@ class SFTControl:
 
     def state_dict(self) -> dict:
         """What a resumable checkpoint needs besides the policy: optimiser and LR-schedule states."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return optimizer_state(self.optimizer, self.scheduler)
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_optimizer_state(self.optimizer, self.scheduler, state)
 
     def iteration(self, problems: Sequence, iteration: int) -> dict[str, float]:
         cfg, ctx = self.config, self.ctx
