@@ -28,8 +28,15 @@ import torch
 
 from algos.core import POLICY_LOSSES, AggregationMode
 from algos.samplers.base import SamplingParams
-from algos.training.checks import (check_at_most, check_finite, check_fraction, check_non_negative, check_positive,
-                                   check_top_p, check_types)
+from algos.training.checks import (
+    check_at_most,
+    check_finite,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_top_p,
+    check_types,
+)
 
 C = TypeVar("C")
 
@@ -239,15 +246,3 @@ def with_fields(config: C, **fields: Any) -> C:
             inner = type(subs[sub]).__name__
             raise type(e)(str(e).replace(f"{inner}.", f"{type(config).__name__}.{sub}.", 1)) from None
     return dataclasses.replace(config, **top)
-
-
-def flat_fields(config: Any) -> dict[str, Any]:
-    """The Config's settings by their flat (command-line) names: the inverse of `with_fields`."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update({g.name: getattr(value, g.name) for g in dataclasses.fields(value)})
-        else:
-            out[f.name] = value
-    return out

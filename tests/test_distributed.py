@@ -132,6 +132,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_two_workers(script: Path, directory: Path, timeout: float, what: str) -> None:
+    """Run ``script worker directory`` as ranks 0 and 1 of a 2-process gloo group on this machine (one
+    thread each) and fail the test with both logs if either rank fails or runs past ``timeout`` s."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, str(script), "worker", str(directory)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{what} workers timed out:\n" + "\n".join(logs))
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)[-6000:]
+
+
 def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -158,23 +180,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
     reference.save_pretrained(tmp_path / "reference")
     torch.save({"episodes": episodes, "advantages": advantages, "returns": returns}, tmp_path / "payload.pt")
 
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(tmp_path)], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("distributed workers timed out:\n" + "\n".join(logs))
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)[-6000:]
+    launch_two_workers(Path(__file__), tmp_path, timeout=120, what="distributed")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     # the same clear error on both ranks, before any work

@@ -31,8 +31,8 @@ for path in (str(ROOT), str(TESTS)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from test_distributed import (N_EPISODES, SCENARIOS, STAT_KEYS, actor_settings, free_port, load_payload, make_optimizer,
-                              run_updates, tiny_llama)
+from test_distributed import (N_EPISODES, SCENARIOS, STAT_KEYS, actor_settings, free_port, launch_two_workers,
+                              load_payload, make_optimizer, run_updates, tiny_llama)
 
 from algos.actor import actor_update, place_per_token
 from algos.critic import CriticSettings, ValueModel, compute_values, critic_update
@@ -100,23 +100,7 @@ def worker(directory: Path) -> None:
 
 
 def launch_workers(directory: Path, timeout: float = 300) -> None:
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(directory)], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("sharded workers timed out:\n" + "\n".join(logs))
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)[-6000:]
+    launch_two_workers(Path(__file__), directory, timeout, what="sharded")
 
 
 def test_one_sharded_update_equals_the_single_process_update(tmp_path):
