@@ -1,5 +1,6 @@
 """Training-side efficiency of the actor update (algos/actor.py): length-sorted, trimmed micro-batches
-leave the gradient unchanged; π_old / π_ref log-probs once per update; ``nonfinite_trailing``."""
+leave the gradient unchanged; π_old / π_ref log-probs once per update, π_old none for a single-step update;
+``nonfinite_trailing``."""
 
 from __future__ import annotations
 
@@ -152,6 +153,56 @@ def test_precomputed_old_logprobs_give_the_same_update():
     with pytest.raises(ValueError, match="old_logprobs"):
         actor_update(p2, ref, opt, NoSchedule(), episodes, advantages, settings(minibatch_size=8), 0,
                      torch.Generator().manual_seed(0), old_logprobs=old[:, :3])
+
+
+def test_single_step_update_reuses_the_training_pass_as_pi_old(monkeypatch):
+    """One epoch, one mini-batch (GRPO's on-policy step): no π_old pass; the gradient and loss are those
+    of the update with π_old from a separate pass; ρ is exactly 1."""
+    from algos import actor
+
+    calls = []
+    original = actor.batch_logprobs
+    monkeypatch.setattr(actor, "batch_logprobs", lambda model, *a, **k: calls.append(model) or original(model, *a, **k))
+    episodes, advantages = fake_episodes(8)
+    policy = tiny_llama()
+    batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], 0)
+    old = original(policy, batch, 0.7, micro=8)
+    for kl_coef in (0.0, 0.1):
+        s = settings(minibatch_size=8, kl_coef=kl_coef, whiten_advantages=False)
+        calls.clear()
+        reused, stats = recorded_gradient(policy, episodes, advantages, s)
+        assert len(calls) == (1 if kl_coef else 0)  # π_ref only, when there is a KL term
+        assert all(model is not policy for model in calls)
+        p2 = copy.deepcopy(policy)
+        ref = copy.deepcopy(policy).requires_grad_(False)
+        with torch.no_grad():  # the same reference as recorded_gradient's
+            for p in ref.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        opt = GradRecorder(p2.parameters())
+        separate = actor_update(p2, ref, opt, NoSchedule(), episodes, advantages, s, 0, torch.Generator().manual_seed(0),
+                                old_logprobs=old)
+        assert any(float(g.abs().max()) > 0 for g in reused)
+        for a, b in zip(reused, opt.grads[0]):
+            assert float((a - b).abs().max()) <= 1e-5 * (float(b.abs().max()) + 1e-12)
+        assert stats["loss"] == pytest.approx(separate["loss"], rel=1e-5)
+        assert stats["ratio"] == 1.0 and stats["clip_frac"] == 0.0
+
+
+def test_pi_old_pass_runs_when_the_update_takes_several_steps(monkeypatch):
+    from algos import actor
+
+    assert actor.single_step(8, 8, 1) and not actor.single_step(8, 4, 1) and not actor.single_step(8, 8, 2)
+    calls = []
+    original = actor.batch_logprobs
+    monkeypatch.setattr(actor, "batch_logprobs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    episodes, advantages = fake_episodes(8)
+    for epochs, minibatch, steps in ((1, 4, 2), (2, 8, 2)):
+        calls.clear()
+        policy = tiny_llama()
+        stats = actor_update(policy, policy, torch.optim.SGD(policy.parameters(), lr=1e-3), NoSchedule(), episodes,
+                             advantages, settings(epochs=epochs, minibatch_size=minibatch, kl_coef=0.0), 0,
+                             torch.Generator().manual_seed(0))
+        assert stats["optimizer_steps"] == steps and len(calls) == 1  # π_old, once
 
 
 def test_nonfinite_trailing_counts_the_nonfinite_minibatches_at_the_end():
