@@ -148,14 +148,16 @@ def plot(summary: dict, points: dict[str, list[float]], truth: list[float], posi
     files = []
     rng = np.random.default_rng(0)
     for name, pred in points.items():
-        fig, ax = plt.subplots(figsize=(4, 4))
+        fig, ax = plt.subplots(figsize=(4.8, 4))
         jitter = rng.uniform(-0.01, 0.01, len(truth))
-        ax.scatter(np.asarray(truth) + jitter, pred, s=10, alpha=0.6, c=positions, cmap="viridis")
+        dots = ax.scatter(np.asarray(truth) + jitter, pred, s=10, alpha=0.6, c=positions, cmap="viridis")
+        fig.colorbar(dots, ax=ax, label="step position")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         m = summary["estimators"][name]
         corr = "n/a" if m["corr"] is None else f"{m['corr']:.2f}"
         ax.set(xlabel=f"ground truth V (MC, N={summary['settings']['gt_samples']})", ylabel=f"{name} V",
-               title=f"{name}: MAE {m['mae']:.3f}, corr {corr}")
+               )
+        ax.set_title(f"{name}: MAE {m['mae']:.3f}, corr {corr}", fontsize=9)
         ax.set_xlim(-0.05, 1.05)
         fig.tight_layout()
         fname = f"scatter_{name}.png"
