@@ -53,3 +53,19 @@ def test_one_iteration_on_smollm2(algo, task, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["run"]["model"] == "smollm2-135m" and config["run"]["chat_template"] is True
     assert (out / "final" / "config.json").is_file()
+
+
+def test_no_chat_template_encodes_the_raw_prompt():
+    from algos.models.warm_start import load_model
+    from langenv import LanguageEnv
+    from langenv.tasks.base import make_task
+
+    task = make_task("arithmetic")
+    _, with_template = load_model("smollm2-135m", task, RunConfig().cache_dir)
+    _, plain = load_model("smollm2-135m", task, RunConfig().cache_dir, chat_template=False)
+    assert with_template.chat_template and plain.chat_template is None
+    problem = task.load("test")[0]
+    ids = LanguageEnv(task, plain, split="test").prompt_ids(problem)
+    assert ids == tuple(plain(task.prompt(problem)).input_ids)
+    templated = LanguageEnv(task, with_template, split="test").prompt_ids(problem)
+    assert with_template.decode(templated).endswith("<|im_start|>assistant\n") and len(templated) > len(ids)
