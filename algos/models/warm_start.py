@@ -26,6 +26,7 @@ import transformers
 
 from algos.models.policy import load_policy
 from algos.models.sft import SFTConfig, cpu_has_fast_bf16, train_sft
+from algos.models.shipped import SHIPPED_DIR, SHIPPED_MANIFEST, find_shipped
 from algos.models.tiny import (
     DEFAULT_VOCAB_SIZE,
     build_char_tokenizer,
@@ -191,8 +192,16 @@ def warm_start(
     *,
     vocab_size: int | None = DEFAULT_VOCAB_SIZE,
     tokenizer: str = "bpe",
+    shipped_dir: Path | None = SHIPPED_DIR,
+    rebuild: bool = False,
 ) -> Path:
     """Build (or reuse) a tokenizer + tiny model warm-started by SFT, saved in Hugging Face format.
+
+    Where it comes from, in order: the cache (``cache_dir/<name>-<hash>`` with its marker); else the
+    warm start shipped in the package under ``shipped_dir/<name>`` when its recipe is the requested
+    one (`algos.models.shipped.find_shipped`, every file checked against its sha256), copied into
+    the cache in a second; else it is trained from scratch as below. ``rebuild=True`` skips both the
+    cache and the shipped copy, trains, and replaces the cache entry.
 
     On a cache miss: build the tokenizer from ``tokenizer_texts`` (`algos.models.tiny.build_tokenizer`, or
     `algos.models.tiny.build_char_tokenizer` for ``tokenizer="char"``),
@@ -217,6 +226,9 @@ def warm_start(
             Ignored for ``tokenizer="char"``.
         tokenizer: tokenizer kind, ``"bpe"`` (byte-level BPE, the default) or ``"char"`` (one token
             per character of the corpus alphabet).
+        shipped_dir: folder of shipped warm starts (`algos.models.shipped.SHIPPED_DIR`); None: never
+            use a shipped one.
+        rebuild: train from scratch even when the cache or the package holds this warm start.
 
     Returns:
         The model directory, loadable by ``AutoModelForCausalLM.from_pretrained(path)`` and
@@ -225,6 +237,7 @@ def warm_start(
     Raises:
         ValueError: on a bad ``name``, ``tokenizer`` kind, non-serialisable ``model_overrides``, or
             bad examples.
+        algos.models.shipped.ShippedWarmStartError: the matching shipped warm start fails its checksums.
     """
     if tokenizer not in TOKENIZER_KINDS:
         raise ValueError(f"tokenizer: expected one of {', '.join(map(repr, TOKENIZER_KINDS))}, got {tokenizer!r}")
@@ -240,15 +253,25 @@ def warm_start(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{name}-{digest}"
-    if (final / WARM_START_MARKER).is_file():
+    if not rebuild and (final / WARM_START_MARKER).is_file():
         logger.info("warm start: reusing %s", final)
         return final
-
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # no marker: not produced by a finished warm_start; move it out of the way
-        stale = cache_dir / f".stale-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    shipped = None if rebuild or shipped_dir is None else find_shipped(name, key, shipped_dir)
+    if shipped is not None:
+        tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copytree(shipped, tmp, ignore=shutil.ignore_patterns(SHIPPED_MANIFEST, WARM_START_MARKER))
+            marker = json.loads((shipped / WARM_START_MARKER).read_text(encoding="utf-8"))
+            marker.update(key=key, hash=digest, source=f"shipped: {shipped}")
+            _write_marker(tmp / WARM_START_MARKER, marker)
+            _install(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("warm start: installed the shipped %s into %s", shipped, final)
+        return final
+
     tmp = cache_dir / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     logger.info("warm start: training %s (model %s, %d examples)",
                 final, model_overrides, len(examples))
@@ -273,17 +296,10 @@ def warm_start(
             "final_loss": metrics[-1]["loss"],
             "seconds": time.perf_counter() - t0,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "source": "trained",
         }
-        with open(tmp / WARM_START_MARKER, "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / WARM_START_MARKER).is_file():  # not a concurrent finished run
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use theirs
+        _write_marker(tmp / WARM_START_MARKER, marker)
+        _install(tmp, final, replace=rebuild)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -291,15 +307,38 @@ def warm_start(
     return final
 
 
-def load_model(model: str, task: Task, cache_dir: Path, device: str = "cpu",
+def _write_marker(path: Path, marker: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _install(tmp: Path, final: Path, replace: bool = False) -> None:
+    """Rename the finished ``tmp`` to ``final``. An existing ``final`` without a marker (a half-written
+    directory) is moved away first, and so is a finished one when ``replace``; a finished one that a
+    concurrent process installed meanwhile is kept and ``tmp`` discarded."""
+    if final.exists() and (replace or not (final / WARM_START_MARKER).is_file()):
+        stale = final.parent / f".stale-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / WARM_START_MARKER).is_file():  # not a concurrent finished run
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: use theirs
+
+
+def load_model(model: str, task: Task, cache_dir: Path, device: str = "cpu", rebuild_warm_start: bool = False,
                gguf_file: str | None = None, chat_template: bool = True):
-    """The policy and tokenizer of ``--model``: the cached offline warm start of ``task`` for
-    ``"tiny"`` (float32), a GGUF file or named offline model converted once into ``cache_dir``
-    (`algos.models.pretrained.resolve_pretrained`), else a hub id or local directory
-    (`algos.models.policy.load_policy`). ``chat_template=False`` clears the tokenizer's chat template,
-    so prompts are encoded as raw text (`langenv.env.encode_prompt`)."""
+    """The policy and tokenizer of ``--model``: the offline warm start of ``task`` for ``"tiny"``
+    (float32; cached, shipped or trained: `warm_start_tiny`), a GGUF file or named offline model
+    converted once into ``cache_dir`` (`algos.models.pretrained.resolve_pretrained`), else a hub id
+    or local directory (`algos.models.policy.load_policy`). ``chat_template=False`` clears the
+    tokenizer's chat template, so prompts are encoded as raw text (`langenv.env.encode_prompt`)."""
     if model == "tiny":
-        path = warm_start_tiny(task, cache_dir)
+        path = warm_start_tiny(task, cache_dir, rebuild=rebuild_warm_start)
         policy, tokenizer = load_policy(str(path), dtype=torch.float32, device=device)
     else:
         from algos.models.pretrained import resolve_pretrained
@@ -310,15 +349,32 @@ def load_model(model: str, task: Task, cache_dir: Path, device: str = "cpu",
     return policy, tokenizer
 
 
-def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True) -> Path:
+def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True, rebuild: bool = False,
+                    shipped_dir: Path | None = SHIPPED_DIR) -> Path:
     """The offline default model for a task: a tokenizer trained on the task's train text and a
     small Llama fine-tuned on its reference solutions (`algos.models.warm_start.warm_start` with the task's
     `algos.models.warm_start.tiny_setup`), built once per (task, model config, SFT config, seed) and cached under
-    ``cache_dir``, so every run and algorithm starts from the same checkpoint."""
+    ``cache_dir``, so every run and algorithm starts from the same checkpoint. The package ships the
+    ``gsm8k`` and ``arithmetic`` ones (`algos.models.shipped`; ``shipped_dir=None`` ignores them);
+    ``rebuild=True`` trains from scratch and replaces the cache entry."""
+    name, examples, texts, setup = _tiny_inputs(task)
+    return warm_start(name, examples, texts, cache_dir, setup.model_overrides, setup.sft_config,
+                      progress=progress, vocab_size=setup.vocab_size, tokenizer=setup.tokenizer,
+                      shipped_dir=shipped_dir, rebuild=rebuild)
+
+
+def tiny_warm_start_key(task: Task) -> dict[str, Any]:
+    """The recipe key (`warm_start_key`) of ``task``'s tiny warm start, without training anything:
+    what a shipped warm start must match to be used (`algos.models.shipped.find_shipped`)."""
+    name, examples, texts, setup = _tiny_inputs(task)
+    return warm_start_key(name, examples, texts, setup.model_overrides, setup.sft_config,
+                          vocab_size=setup.vocab_size, tokenizer=setup.tokenizer)
+
+
+def _tiny_inputs(task: Task) -> tuple[str, list[tuple[str, str]], list[str], TinySetup]:
+    """Name, SFT examples, tokenizer texts and setup of ``task``'s tiny warm start."""
     setup = tiny_setup(task.name)
-    problems = task.load("train")
-    examples = [(task.prompt(p), task.target(p)) for p in problems]
+    examples = [(task.prompt(p), task.target(p)) for p in task.load("train")]
     texts = [t for pair in examples for t in pair]
     name = "tiny-" + re.sub(r"[^A-Za-z0-9._-]", "-", task.name)  # "rg:countdown" -> "tiny-rg-countdown"
-    return warm_start(name, examples, texts, cache_dir, setup.model_overrides, setup.sft_config,
-                      progress=progress, vocab_size=setup.vocab_size, tokenizer=setup.tokenizer)
+    return name, examples, texts, setup

@@ -238,4 +238,7 @@ def check_run_config(run: Any) -> None:
     check_positive(run, ("eval_samples", "sampler_batch_size"))
     check_top_p(run, ("eval_top_p",))
     check_at_least(run, "threads", 1)
+    if run.rebuild_warm_start and run.model != "tiny":
+        raise ValueError(f"RunConfig.rebuild_warm_start: only the offline --model tiny has a warm start to rebuild, "
+                         f"got --model {run.model!r}")
 

@@ -182,6 +182,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
     seed_everything(run.seed)
 
     policy, tokenizer = on_main_first(dist, lambda: load_model(run.model, task, run.cache_dir, run.device,
+                                                                        run.rebuild_warm_start and resume is None,
                                                                         gguf_file=run.gguf_file,
                                                                         chat_template=run.chat_template))
     threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
