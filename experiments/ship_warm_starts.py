@@ -9,7 +9,12 @@ Each task's warm start is trained from scratch (`algos.models.warm_start.warm_st
 torch) into a temporary cache, then copied with its sha256 manifest into
 ``algos/models/warm_starts/<name>/``; commit that folder. ``--from-cache`` skips the training and ships
 the finished entry of ``--cache-dir`` for the current recipe (trained there if missing). Training
-takes ~13 min for arithmetic and ~5 min for gsm8k on 2 quiet cores.
+takes, on 2 quiet cores, ~5 min for gsm8k and ~13 min for arithmetic where bf16 autocast runs (AVX512-BF16 /
+AMX), and 32 min (measured) and ~67 min (estimated from 95 steps) on an AVX2-only CPU, fp32. Run it on a quiet
+machine: a second busy process made the 2-thread SFT 3x slower per step (5 -> 15 s on the arithmetic recipe).
+
+Shipped so far: gsm8k (2026-12-05, AMD EPYC AVX2, fp32, 2 threads, 1,939 s). arithmetic is not shipped yet:
+its build was stopped when another job shared the cores; ``--task arithmetic`` trains its warm start once.
 
 Rerun it whenever the recipe changes (data, tokenizer, model shape, SFT hyper-parameters, the
 warm-start format): runs then find no shipped warm start with their recipe and train one themselves,

@@ -28,7 +28,8 @@ from algos.models.warm_start import WARM_START_MARKER, tiny_warm_start_key, warm
 from langenv.tasks import make_task
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_TASKS = ("gsm8k", "arithmetic")
+#: Every shipped warm start, by task: ``algos/models/warm_starts/tiny-<task>/``.
+SHIPPED_TASKS = sorted(p.name.removeprefix("tiny-") for p in SHIPPED_DIR.iterdir() if (p / SHIPPED_MANIFEST).is_file())
 
 
 @pytest.fixture
@@ -39,6 +40,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_the_default_jobs_warm_start_is_shipped():
+    assert "gsm8k" in SHIPPED_TASKS
 
 
 @pytest.mark.parametrize("task_name", SHIPPED_TASKS)
@@ -53,16 +58,17 @@ def test_shipped_warm_start_matches_todays_recipe(task_name):
         f"{directory}: shipped for another recipe; rerun python experiments/ship_warm_starts.py --tasks {task_name}")
     assert find_shipped(key["name"], key) == directory
     assert {"config.json", "model.safetensors", "tokenizer.json", WARM_START_MARKER} <= set(manifest["files"])
+    assert set(manifest["files"]) | {SHIPPED_MANIFEST} == {p.name for p in directory.iterdir()}
 
 
 def test_fresh_cache_installs_the_shipped_warm_start(tmp_path):
-    """A first run on a fresh machine: the arithmetic warm start comes from the package (byte-identical
+    """A first run on a fresh machine: the default job's warm start comes from the package (byte-identical
     weights, marked as shipped) and loads with transformers; the second call reuses the cache."""
-    task = make_task("arithmetic")
+    task = make_task("gsm8k")
     path = warm_start_tiny(task, tmp_path, progress=False)
     marker = json.loads((path / WARM_START_MARKER).read_text())
     assert marker["source"].startswith("shipped: ")
-    shipped = SHIPPED_DIR / "tiny-arithmetic"
+    shipped = SHIPPED_DIR / "tiny-gsm8k"
     assert _sha256(path / "model.safetensors") == _sha256(shipped / "model.safetensors")
     assert not (path / SHIPPED_MANIFEST).exists()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp dirs left behind

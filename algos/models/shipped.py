@@ -1,8 +1,9 @@
 """Warm starts shipped inside the package, so a fresh install trains from its first minute.
 
 Training the tiny model's warm start takes 5-13 minutes of a 2-core CPU (`algos.models.warm_start`).
-The ones the default runs need (``tiny-gsm8k``, ``tiny-arithmetic``) are therefore built once by
-``python experiments/ship_warm_starts.py`` and committed under ``algos/models/warm_starts/<name>/``:
+The default job's (``tiny-gsm8k``; ``tiny-arithmetic`` is next, see `experiments/ship_warm_starts.py`) is
+therefore built once by ``python experiments/ship_warm_starts.py`` and committed under
+``algos/models/warm_starts/<name>/``:
 the Hugging Face files of the cached warm start plus ``shipped.json``, which records
 
 - ``key``: the warm start's full recipe (`algos.models.warm_start.warm_start_key`: tokenizer, model

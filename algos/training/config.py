@@ -124,7 +124,7 @@ class RunConfig:
     """Where the offline tiny model's warm start is cached."""
     rebuild_warm_start: bool = False
     """Train the tiny model's warm start from scratch (minutes of SFT) instead of using the copy shipped
-    in the package (``gsm8k``, ``arithmetic``) or the cached one; the new one replaces the cache entry."""
+    in the package (`algos.models.shipped`) or the cached one; the new one replaces the cache entry."""
     threads: int | None = None
     """torch CPU threads for the RL loop. Default: 1 for the tiny model on CPU (its small matrix
     products gain little from a second thread and slow down badly when the cores are shared, e.g.
