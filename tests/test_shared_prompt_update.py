@@ -222,3 +222,20 @@ def test_the_setting_reaches_the_update(monkeypatch):
     assert s.share_prompt_forward is False
     assert actor.sharing_prompts(torch.nn.Linear(2, 2), True)
     assert not actor.sharing_prompts(torch.nn.Linear(2, 2), False)
+
+
+def test_bf16_autocast_with_rounded_widths(small_model, rows, tokenizer):
+    """Under bf16 autocast with `AUTOCAST_WIDTH_MULTIPLE` widths (bf16 keys and values in the shared cache) the
+    shared path runs and stays within bf16 rounding of the plain one; an update with it takes its step."""
+    batch = batch_sequences(*rows, tokenizer.pad_token_id)
+    plain = batch_logprobs(small_model, batch, 0.6, 3, bf16_autocast=True)
+    shared = batch_logprobs(small_model, batch, 0.6, 3, bf16_autocast=True, share_prompt=True)
+    exact = batch_logprobs(small_model, batch, 0.6, 3)
+    assert (shared[~batch["response_mask"]] == 0).all()
+    assert float((shared - exact).abs().max()) <= 2 * float((plain - exact).abs().max()) + 1e-2
+    episodes, advantages = _episodes(rows)
+    policy = copy.deepcopy(small_model)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # π_old pass vs training pass: ρ ≈ 1 up to bf16
+    stats = actor_update(policy, _reference(small_model), optimizer, NoSchedule(), episodes, advantages,
+                         _settings(True, bf16_autocast=True, minibatch_size=4), 0, torch.Generator().manual_seed(0))
+    assert stats["optimizer_steps"] == 2 and abs(stats["ratio"] - 1.0) < 1e-2 and stats["grad_norm"] > 0
