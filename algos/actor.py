@@ -21,7 +21,9 @@ concatenated batch up to float summation order (when the mini-batches hold the s
 With an FSDP2-sharded policy (``--sharding fsdp``, `algos.models.sharding`) FSDP sums the gradients
 in its reduce-scatter instead (``Dist.all_reduce_grads`` is then a no-op) and the clipping norm is the
 global one over the DTensor shards; every rank must then run the same number of forward passes
-(equal episode shards), since each one is a collective.
+(equal episode shards), since each one is a collective. The shared-prompt forward (below) is
+therefore off for a sharded model: its number of forward passes (two per micro-batch that repeats a
+prompt, one otherwise) depends on each rank's data.
 
 Efficiency: within a mini-batch, micro-batches are formed from rows sorted by prompt+response
 length and each is trimmed to its own longest row, so little compute goes to padding; the
@@ -34,7 +36,18 @@ the policy at that step, so the π_old pass is skipped and the training pass's o
 detached, serve as π_old (ρ = 1 in value, gradient that of the surrogate at ρ = 1; identical to a
 separate pass in exact arithmetic when the forward pass has no dropout, as here; TRL's GRPOTrainer
 does the same). Measured with experiments/bench/trl_step.py: 0.05–0.06 s of a 0.37–0.50 s GRPO step
-of the tiny arithmetic model (1 x 8 completions). Per-micro-batch
+of the tiny arithmetic model (1 x 8 completions).
+
+Shared-prompt forward (``ActorSettings.share_prompt_forward``, on by default): the G rows of a group
+(GRPO, RLOO, VinePPO) repeat one prompt, often most of the positions of the forward pass. When
+prompts repeat, the rows of a mini-batch are ordered so that each prompt's rows are adjacent (groups
+longest first, `micro_batch_rows` with ``groups``) before micro-batches are cut (the same number of
+micro-batches; the mini-batches, and so the episodes of every optimiser step, are unchanged), and
+within a micro-batch each distinct prompt is run once with gradient, its KV cache expanded to its
+rows, and the responses run after it (`algos.models.policy.shared_prompt_logprobs`): ``U · P + B · R``
+positions instead of ``B · (P + R)``. Autograd sums the rows' gradients into the shared prompt, so
+loss and gradient are those of the plain path up to float rounding
+(tests/test_shared_prompt_update.py). The π_old / π_ref passes use it too. Per-micro-batch
 statistics stay on the device and are read once per mini-batch (no ``.item()`` per micro-batch).
 Measured (experiments/bench/results/update.json): length-sorted micro-batches cut padding from 38%
 to 22% of the positions on GSM8K-length episodes and made a float32 update 1.47x faster (1.22x on
@@ -55,8 +68,8 @@ import torch
 from torch import Tensor
 
 from algos import core
-from algos.models.policy import batch_sequences, response_logprobs
-from algos.models.sharding import grad_norm_clip
+from algos.models.policy import batch_sequences, prompt_groups, response_logprobs
+from algos.models.sharding import grad_norm_clip, is_sharded
 from algos.rollout import Episode
 
 if TYPE_CHECKING:
@@ -77,6 +90,13 @@ class ActorSettings:
     and 3.1x with length-sorted ones, with the start-of-update ratio within 1e-4 of 1. On CPUs
     without fast bf16 kernels (`algos.models.sft.cpu_has_fast_bf16` False) it is slower; on GPUs it is the
     usual mixed precision.
+
+    ``share_prompt_forward`` runs each distinct prompt of a micro-batch once and lets the rows that
+    share it (a GRPO / RLOO / VinePPO group) attend to its KV cache
+    (`algos.models.policy.shared_prompt_logprobs`), in the training pass and in the π_old / π_ref
+    passes; micro-batches are then cut so that a prompt's rows land together (`micro_batch_rows`).
+    Same log-probs and gradient up to float rounding. Off under ``--sharding fsdp`` (see the module
+    docstring).
     """
 
     epochs: int
@@ -98,6 +118,7 @@ class ActorSettings:
     aggregation_constant: float | None = None  # L_max for seq_sum_const (Dr. GRPO)
     sort_micro_batches: bool = True  # micro-batches of length-sorted rows (same gradient, less padding)
     bf16_autocast: bool = False  # policy/reference forward passes under bf16 autocast (see below)
+    share_prompt_forward: bool = True  # one prompt forward per distinct prompt of a micro-batch (see below)
 
     @classmethod
     def from_configs(cls, optim: OptimConfig, actor: ActorConfig, temperature: float, **overrides) -> "ActorSettings":
@@ -112,6 +133,7 @@ class ActorSettings:
             permute_advantages=actor.permute_advantages, kl_coef=actor.kl_coef,
             whiten_advantages=actor.whiten_advantages,
             pg_aggregation=actor.aggregation, bf16_autocast=actor.bf16_autocast,
+            share_prompt_forward=actor.share_prompt_forward,
         )
         return cls(**{**fields, **overrides})
 
@@ -155,7 +177,8 @@ def _precision(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def micro_batch_rows(attention_mask: Tensor, size: int, sort: bool = True) -> list[list[int]]:
+def micro_batch_rows(attention_mask: Tensor, size: int, sort: bool = True,
+                     groups: Sequence[int] | None = None) -> list[list[int]]:
     """Row indices of the micro-batches of a right-padded (B, L) batch, ``size`` rows each.
 
     With ``sort``, rows are ordered by sequence length (prompt + response tokens, from the
@@ -163,32 +186,58 @@ def micro_batch_rows(attention_mask: Tensor, size: int, sort: bool = True) -> li
     and, trimmed to its longest row, carries little padding; the first micro-batch is the largest,
     so an out-of-memory error shows at once. Without ``sort``, rows keep their order.
 
+    ``groups`` (B prompt-group ids, `algos.models.policy.prompt_groups`), when some group has more
+    than one row, keeps each group's rows next to each other so they share micro-batches (and one
+    prompt forward pass each, `algos.models.policy.shared_prompt_logprobs`): groups in order of their
+    longest row (longest first with ``sort``, else of first appearance), rows within a group
+    longest first (with ``sort``). The number of micro-batches, ``ceil(B / size)``, is unchanged.
+
     Raises:
-        ValueError: size < 1.
+        ValueError: size < 1, or ``groups`` not of length B.
     """
     if size < 1:
         raise ValueError(f"micro-batch size: expected an int >= 1, got {size}")
-    rows = list(range(attention_mask.shape[0]))
+    n = attention_mask.shape[0]
+    rows = list(range(n))
+    lengths = attention_mask.sum(1).tolist()
     if sort:
-        lengths = attention_mask.sum(1).tolist()
         rows.sort(key=lambda i: (-lengths[i], i))
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"groups: expected {n} group ids, got {len(groups)}")
+        if len(set(groups)) < n:
+            rank = {}  # group -> position of its first row in `rows` (its longest row when sorted)
+            for pos, i in enumerate(rows):
+                rank.setdefault(groups[i], pos)
+            rows.sort(key=lambda i: rank[groups[i]])  # stable: the length order is kept within a group
     return _chunks(rows, size)
+
+
+def sharing_prompts(model, enabled: bool) -> bool:
+    """Whether passes of ``model`` use the shared-prompt forward: ``enabled`` and ``model`` not
+    FSDP-sharded (each forward of a sharded model is a collective and the shared path's number of
+    forward passes depends on the data, so it is off there)."""
+    return enabled and not is_sharded(model)
 
 
 @torch.no_grad()
 def batch_logprobs(model, batch, temperature: float, micro: int, sort: bool = True,
-                   bf16_autocast: bool = False) -> torch.Tensor:
+                   bf16_autocast: bool = False, share_prompt: bool = False) -> torch.Tensor:
     """Tempered log-probs of every response token of a padded batch, (B, L) float32 on the CPU,
     computed without gradient in micro-batches of ``micro`` rows (0 off the response mask).
     Rows are grouped by length (``sort``, see `micro_batch_rows`); the result is in the input's
-    row order either way. ``bf16_autocast`` runs the forward passes under bf16 autocast."""
+    row order either way. ``bf16_autocast`` runs the forward passes under bf16 autocast.
+    ``share_prompt`` keeps rows of one prompt together and runs the prompt once per micro-batch
+    (`algos.models.policy.shared_prompt_logprobs`; ignored for an FSDP-sharded ``model``)."""
     out = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
     device = next(model.parameters()).device
     multiple = AUTOCAST_WIDTH_MULTIPLE if bf16_autocast else 1
-    for part in micro_batch_rows(batch["attention_mask"], micro, sort):
+    share = sharing_prompts(model, share_prompt)
+    groups = prompt_groups(batch) if share else None
+    for part in micro_batch_rows(batch["attention_mask"], micro, sort, groups):
         sub = _select(batch, part, multiple)
         with _precision(device, bf16_autocast):
-            logp = response_logprobs(model, sub, temperature)
+            logp = response_logprobs(model, sub, temperature, share_prompt=share, width_multiple=multiple)
         out[part, : sub["input_ids"].shape[1]] = logp.float().cpu()
     return out
 
@@ -328,19 +377,21 @@ def actor_update(
     batch["advantages"] = place_per_token(batch, advantages)
     micro, sort, bf16 = settings.micro_batch_size, settings.sort_micro_batches, settings.bf16_autocast
     multiple = AUTOCAST_WIDTH_MULTIPLE if bf16 else 1
+    share = sharing_prompts(policy, settings.share_prompt_forward)
     policy.eval()
     t_logprobs = time.perf_counter()
     # one optimiser step on this batch: π_old is the policy as it is now (module docstring)
     reuse_policy = old_logprobs is None and single_step(len(episodes), local_mb, settings.epochs)
     if old_logprobs is None and not reuse_policy:
-        batch["old_logp"] = batch_logprobs(policy, batch, settings.temperature, micro, sort, bf16)
+        batch["old_logp"] = batch_logprobs(policy, batch, settings.temperature, micro, sort, bf16, share)
     elif old_logprobs is not None:
         if tuple(old_logprobs.shape) != tuple(batch["input_ids"].shape):
             raise ValueError(f"old_logprobs: expected shape {tuple(batch['input_ids'].shape)} (the batch_sequences "
                              f"layout of the episodes), got {tuple(old_logprobs.shape)}")
         batch["old_logp"] = old_logprobs.detach().float().cpu() * batch["response_mask"]
     if settings.kl_coef > 0:
-        batch["ref_logp"] = batch_logprobs(reference, batch, settings.temperature, micro, sort, bf16)
+        batch["ref_logp"] = batch_logprobs(reference, batch, settings.temperature, micro, sort, bf16,
+                                           settings.share_prompt_forward)
     t_logprobs = time.perf_counter() - t_logprobs
     policy.train()
     device = next(policy.parameters()).device
@@ -364,11 +415,12 @@ def actor_update(
             optimizer.zero_grad(set_to_none=True)
             # this rank's sums of: loss, pg_loss, Σ kl, Σ clipped, Σ ratio (reduced once per mini-batch)
             acc = torch.zeros(5, dtype=torch.float64, device=device)
-            for part in micro_batch_rows(mb["attention_mask"], micro, sort):
+            for part in micro_batch_rows(mb["attention_mask"], micro, sort, prompt_groups(mb) if share else None):
                 sub = {k: v.to(device) for k, v in _select(mb, part, multiple).items()}
                 sub_mask = sub["response_mask"].float()
                 with _precision(device, bf16):
-                    logp = response_logprobs(policy, sub, settings.temperature)
+                    logp = response_logprobs(policy, sub, settings.temperature, share_prompt=share,
+                                             width_multiple=multiple)
                 logp = logp.float()
                 old_logp = logp.detach() if reuse_policy else sub["old_logp"]
                 pg, ratio, clipped = core.POLICY_LOSSES[settings.policy_loss](

@@ -6,7 +6,7 @@
   iteration's examples are cut into optimiser steps (epochs, mini-batches, micro-batches).
 * `ActorConfig` (the PPO family: VinePPO, PPO, GRPO, RLOO, and the REINFORCE example): the
   policy-gradient loss (a name in `algos.core.POLICY_LOSSES`), its clip range, the KL to the
-  reference, advantage whitening, loss aggregation and bf16 autocast.
+  reference, advantage whitening, loss aggregation, bf16 autocast and the shared-prompt forward.
 
 Each algorithm's Config holds them as fields ``sampling``, ``optim`` and (PPO family) ``actor``,
 with the algorithm's own defaults, plus the fields that are the algorithm's own idea. On the command
@@ -139,6 +139,12 @@ class ActorConfig:
     """Run the policy/reference (and critic) forward passes of the update under bf16 autocast
     (weights, optimiser and loss stay float32). ``cpu_tiny`` turns it on where the CPU has fast bf16
     kernels: 2-3x faster updates on the 2-core AVX512-BF16 machine (experiments/bench/update.py)."""
+    share_prompt_forward: bool = True
+    """Run each distinct prompt of a micro-batch once, its KV cache shared by the responses to it (a
+    group of G samples), in the update's training and π_old / π_ref passes; micro-batches keep a
+    prompt's rows together (`algos.models.policy.shared_prompt_logprobs`). Same log-probs and
+    gradient up to float rounding; off under ``--sharding fsdp``. ``--no-share-prompt-forward`` runs
+    every row's prompt + response in one forward pass, as before."""
 
     def __post_init__(self) -> None:
         """Raises TypeError / ValueError naming ``ActorConfig.<field>``; ``aggregation`` must be one

@@ -28,8 +28,15 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update, batch_logprobs
-from algos.config import (ActorConfig, OptimConfig, SamplingConfig, advance_schedule, load_optimizer_state,
-                          optimizer_state, with_fields)
+from algos.config import (
+    ActorConfig,
+    OptimConfig,
+    SamplingConfig,
+    advance_schedule,
+    load_optimizer_state,
+    optimizer_state,
+    with_fields,
+)
 from algos.models.policy import batch_sequences
 from algos.models.sft import cpu_has_fast_bf16
 from algos.rollout import episode_metrics
@@ -67,14 +74,14 @@ class RLOOConfig:
 
 
 def sequence_kl_k1(policy, reference, episodes, temperature: float, pad_token_id: int, micro: int = 16,
-                   bf16_autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   bf16_autocast: bool = False, share_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_t k1_t = Σ_t [log π(y_t) − log π_ref(y_t)] per episode, shape (N,), nats, no gradient; and the
     policy's per-token log-probs, (N, L) in `batch_sequences` layout, which the actor update reuses
-    as π_old instead of a second forward pass."""
+    as π_old instead of a second forward pass. ``share_prompt``: see `algos.actor.batch_logprobs`."""
     batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], pad_token_id)
     mask = batch["response_mask"].float()
-    logp = batch_logprobs(policy, batch, temperature, micro, bf16_autocast=bf16_autocast)
-    ref = batch_logprobs(reference, batch, temperature, micro, bf16_autocast=bf16_autocast)
+    logp = batch_logprobs(policy, batch, temperature, micro, bf16_autocast=bf16_autocast, share_prompt=share_prompt)
+    ref = batch_logprobs(reference, batch, temperature, micro, bf16_autocast=bf16_autocast, share_prompt=share_prompt)
     return core.masked_sum(core.kl_estimate(logp, ref, "k1"), mask, dim=1), logp
 
 
@@ -116,8 +123,9 @@ class RLOO:
         scores = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
         kl, old_logp = torch.zeros_like(scores), None
         if cfg.actor.kl_coef > 0:
-            kl, old_logp = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.sampling.temperature, ctx.pad_token_id,
-                                          cfg.optim.micro_batch_size, cfg.actor.bf16_autocast)
+            kl, old_logp = sequence_kl_k1(ctx.policy, ctx.reference, episodes, cfg.sampling.temperature,
+                                          ctx.pad_token_id, cfg.optim.micro_batch_size, cfg.actor.bf16_autocast,
+                                          cfg.actor.share_prompt_forward)
         rewards = (scores - cfg.actor.kl_coef * kl).view(len(episodes) // k, k)
         advantages = core.leave_one_out_advantages(rewards).flatten().tolist()
         per_token = [[a] * len(e.response_ids) for a, e in zip(advantages, episodes)]

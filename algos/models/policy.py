@@ -10,6 +10,7 @@ PPO ratio is 1 at the start of an iteration. Top-p is not part of the distributi
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from typing import Sequence
@@ -19,7 +20,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["load_policy", "check_model_source", "check_tokenizer", "batch_sequences", "token_logprobs",
-           "response_logprobs", "clone_reference"]
+           "response_logprobs", "shared_prompt_logprobs", "prompt_groups", "clone_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -240,21 +241,159 @@ def token_logprobs(
     return torch.cat(parts, dim=0)
 
 
-def response_logprobs(model, batch: dict, temperature: float, chunk_size: int | None = None) -> Tensor:
+def response_logprobs(model, batch: dict, temperature: float, chunk_size: int | None = None,
+                      share_prompt: bool = False, width_multiple: int = 1) -> Tensor:
     """Token log-probs masked to response positions.
 
     Args:
         model: a causal LM.
         batch: the output of `batch_sequences` (``input_ids``, ``attention_mask``,
-            ``response_mask``).
+            ``response_mask``), or rows of it trimmed to a common width.
         temperature: the sampling temperature (see `token_logprobs`).
-        chunk_size: rows per forward pass (see `token_logprobs`).
+        chunk_size: rows per forward pass (see `token_logprobs`); not with ``share_prompt``.
+        share_prompt: when some rows share a prompt, run each distinct prompt once
+            (`shared_prompt_logprobs`); a batch whose prompts are all distinct, or whose responses are
+            all empty, takes the plain path (one forward pass over every row's prompt + response).
+        width_multiple: with ``share_prompt``, the prompt and response widths are rounded up to a
+            multiple of this many tokens (see `algos.actor.AUTOCAST_WIDTH_MULTIPLE`).
 
     Returns:
-        (B, L) float32 in nats; 0 outside ``response_mask``.
+        (B, L) float32 in nats; 0 outside ``response_mask``. Both paths give the same values up to
+        float rounding (``tests/test_shared_prompt_update.py``: within 1e-5 in float32).
     """
+    if share_prompt and chunk_size is None and _worth_sharing(batch):
+        return shared_prompt_logprobs(model, batch, temperature, width_multiple)
     logp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], temperature, chunk_size=chunk_size)
     return logp * batch["response_mask"].to(logp.device)
+
+
+def prompt_groups(batch: dict) -> list[int]:
+    """The prompt group of every row of a right-padded `batch_sequences` batch: rows whose prompt token
+    ids are identical get the same group, numbered 0, 1, ... in order of first appearance.
+
+    A row's prompt is its first ``attention_mask.sum() - response_mask.sum()`` tokens, so this works
+    on any row selection of a `batch_sequences` batch (its 1-D length fields need not come along).
+
+    Returns:
+        B group indices (a list of int).
+    """
+    n_prompt = (batch["attention_mask"].sum(1) - batch["response_mask"].sum(1)).tolist()
+    ids = batch["input_ids"].cpu()
+    seen: dict[tuple[int, ...], int] = {}
+    return [seen.setdefault(tuple(ids[b, :n].tolist()), len(seen)) for b, n in enumerate(n_prompt)]
+
+
+def _worth_sharing(batch: dict) -> bool:
+    """Some prompt repeats within the batch and some response is non-empty."""
+    groups = prompt_groups(batch)
+    return len(set(groups)) < len(groups) and bool(batch["response_mask"].any())
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def shared_prompt_logprobs(model, batch: dict, temperature: float, width_multiple: int = 1) -> Tensor:
+    """`response_logprobs` with each distinct prompt of the batch run once and its KV cache shared by
+    the rows that have it (GRPO / RLOO / VinePPO groups: G responses to one prompt).
+
+    The plain path runs B rows of prompt + response, ``B · (P + R)`` positions; here the U distinct
+    prompts run once, ``U · P``, and the responses attend to their prompt's keys and values, ``B · R``
+    positions. Every row's log-probs are those of the plain path (same positions, same attended
+    tokens), and under autograd the gradient too: the prompt's keys and values are expanded to the
+    rows by an index on the batch dimension, whose backward sums the rows' gradients into the one
+    prompt (the gradient of ``B`` identical copies). This is shared-prefix (cascade) attention
+    applied to training, as in the samplers' one prefill per distinct prompt
+    (`algos.samplers.prefix_sharing`).
+
+    Steps, with ``n_p[b]`` / ``n_r[b]`` the prompt / response length of row b, P and R the largest
+    of each (rounded up to ``width_multiple``) and ``index`` (B,) the distinct prompt of each row:
+
+    1. the U distinct prompts, right-padded to (U, P), in one forward pass with a fresh
+       `transformers.DynamicCache` (``use_cache=True``); logits only at each prompt's last position
+       (U, V), which predict the first response token;
+    2. every cache layer's keys / values (U, heads, P, d) become (B, heads, P, d) through
+       `DynamicCache.batch_select_indices` (``keys[index]``, differentiable);
+    3. the right-padded responses (B, R) in a second forward pass with that cache, position ids
+       ``n_p[b] + t`` and the attention mask ``[prompt mask of index[b] (P) | response mask (R)]``
+       (the prompt's padding is a masked hole between prompt and response); logits (B, R, V);
+    4. ``log_softmax(logits / T)`` at the response tokens: token 0 from step 1's logits, token t ≥ 1
+       from step 3's position t − 1; scattered back to the batch's (B, L) layout.
+
+    The cache goes in under the keyword the model's forward declares (`cache_keyword`: ``cache`` from
+    transformers 5.24, ``past_key_values`` before), so no FutureWarning is raised.
+
+    Args:
+        model: a causal LM whose forward takes a KV cache, position ids and ``logits_to_keep``.
+        batch: a right-padded `batch_sequences` batch (or rows of one), (B, L) each; at least one
+            non-empty response. Rows with an empty response, or a prompt of their own, are fine.
+        temperature: the sampling temperature (see `token_logprobs`).
+        width_multiple: P and R are rounded up to a multiple of this (bf16 autocast shape reuse).
+
+    Returns:
+        (B, L) float32 in nats, 0 outside ``response_mask``; differentiable unless under no_grad.
+    """
+    from transformers import DynamicCache
+
+    from algos.samplers.prefix_sharing import cache_keyword
+
+    if not (temperature >= 0 and temperature != float("inf")):
+        raise ValueError(f"temperature: expected a finite value >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    ids, mask, resp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
+    rows, width = ids.shape
+    n_r = resp.sum(1)
+    n_p = mask.sum(1) - n_r
+    groups = prompt_groups(batch)
+    heads = list(dict.fromkeys(groups))  # group ids are 0..U-1 in order of first appearance
+    first_row = [groups.index(g) for g in heads]
+    index = torch.tensor(groups, dtype=torch.long, device=device)
+    n_p_unique = n_p[first_row]
+    p_width = _round_up(int(n_p_unique.max()), width_multiple)
+    r_width = _round_up(max(int(n_r.max()), 1), width_multiple)
+
+    # 1. distinct prompts, right-padded (U, P)
+    cols = torch.arange(p_width, device=device)
+    p_valid = cols[None] < n_p_unique[:, None]
+    p_ids = torch.where(p_valid, ids[first_row].gather(1, cols.clamp(max=width - 1).expand(len(heads), -1)), 0)
+    p_mask = p_valid.long()
+    p_pos = torch.minimum(cols[None], (n_p_unique[:, None] - 1))
+    last = (n_p_unique - 1)
+    keep = torch.unique(last)  # positions whose logits are needed (one per distinct prompt length)
+    cache = DynamicCache(config=model.config)
+    kwargs = {cache_keyword(model): cache}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = keep
+    else:  # logits at every prompt position; keep the needed ones
+        keep = torch.arange(p_width, device=device)
+    logits = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, **kwargs).logits
+    first_logits = logits[torch.arange(len(heads), device=device), torch.searchsorted(keep, last)]  # (U, V)
+    del logits
+    kwargs.pop("logits_to_keep", None)
+
+    # 2. share each prompt's keys / values with its rows
+    if len(heads) < rows or bool((index != torch.arange(rows, device=device)).any()):
+        cache.batch_select_indices(index)
+
+    # 3. responses, right-padded (B, R), after their prompt's cache
+    t = torch.arange(r_width, device=device)
+    r_valid = t[None] < n_r[:, None]
+    r_ids = torch.where(r_valid, ids.gather(1, (n_p[:, None] + t[None]).clamp(max=width - 1)), 0)
+    r_pos = n_p[:, None] + torch.minimum(t[None], (n_r[:, None] - 1).clamp(min=0))
+    r_mask = torch.cat([p_mask[index], r_valid.long()], dim=1)
+    logits = model(input_ids=r_ids, attention_mask=r_mask, position_ids=r_pos, use_cache=True, **kwargs).logits
+
+    # 4. log-probs of the response tokens; token 0 is predicted by the prompt's last position
+    scale = temperature if temperature > 0 else 1.0
+    predictors = torch.cat([first_logits[index].unsqueeze(1), logits[:, :-1]], dim=1)  # (B, R, V)
+    del logits
+    logp = torch.log_softmax(predictors.float() / scale, dim=-1)
+    del predictors
+    picked = logp.gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)  # (B, R)
+    del logp
+    b_idx, t_idx = r_valid.nonzero(as_tuple=True)
+    result = picked.new_zeros(rows, width)
+    return result.index_put((b_idx, n_p[b_idx] + t_idx), picked[b_idx, t_idx])
 
 
 def clone_reference(model) -> PreTrainedModel:

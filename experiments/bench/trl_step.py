@@ -35,6 +35,9 @@ steps):
 * ``ours-fast+old``: the same as ``ours-fast`` with the separate π_old log-prob pass forced back on (the
   code path before `algos.actor.single_step` let a one-step update reuse its training pass; done here by
   replacing ``algos.actor.single_step`` for that side only): the before/after of that change.
+* ``ours-fast-noshare``: the same as ``ours-fast`` with ``share_prompt_forward=False`` (every row's prompt +
+  response in one training forward pass, the code before the shared-prompt forward,
+  `algos.models.policy.shared_prompt_logprobs`): the before/after of that change.
 
 Modes: ``natural`` (completions end at EOS, so the two libraries may sample different lengths: completion
 tokens per step are reported for each side) and ``forced64`` (every completion exactly 64 tokens: TRL with
@@ -65,7 +68,7 @@ sys.path.insert(0, str(REPO))
 import torch
 
 DEFAULT_MODEL = Path.home() / ".cache" / "langenv" / "tiny-arithmetic-1ff0469af7546829"
-SIDES = ("trl", "ours-fast", "ours-fast+old", "ours-hf")
+SIDES = ("trl", "ours-fast", "ours-fast-noshare", "ours-fast+old", "ours-hf")
 PHASES = ("sampling", "grading", "logprob passes", "update", "other")
 G, MAX_NEW, LR = 8, 64, 1e-5
 
@@ -89,7 +92,7 @@ class Ours:
     """Our GRPO on its own copy of the model: ``step(k)`` runs one `GRPO.iteration` on train problem k and
     returns (seconds, completion tokens, phases in seconds, problem id)."""
 
-    def __init__(self, model_dir: Path, sampler: str, forced: bool, old_pass: bool, seed: int):
+    def __init__(self, model_dir: Path, sampler: str, forced: bool, old_pass: bool, seed: int, share: bool = True):
         from algos.config import with_fields
         from algos.grpo import GRPO, GRPOConfig
         from algos.models.policy import load_policy
@@ -114,7 +117,7 @@ class Ours:
         cfg = with_fields(GRPOConfig(), prompts_per_iteration=1, samples_per_prompt=G, max_new_tokens=MAX_NEW,
                           temperature=1.0, top_p=1.0, minibatch_size=G, micro_batch_size=G, epochs=1,
                           learning_rate=LR, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, kl_coef=0.0,
-                          aggregation="seq_mean_token_mean", bf16_autocast=False)
+                          aggregation="seq_mean_token_mean", bf16_autocast=False, share_prompt_forward=share)
         self.algo = GRPO(cfg, self.ctx, total_iterations=10_000)
         self.old_pass = old_pass
 
@@ -147,6 +150,7 @@ def run_mode(mode: str, args) -> dict:
     forced = mode == "forced64"
     steps = 1 + args.repeats
     ours = {"ours-fast": Ours(args.model, "fast", forced, False, args.seed),
+            "ours-fast-noshare": Ours(args.model, "fast", forced, False, args.seed, share=False),
             "ours-fast+old": Ours(args.model, "fast", forced, True, args.seed),
             "ours-hf": Ours(args.model, "hf", forced, False, args.seed)}
     records: dict[str, list[dict]] = {side: [] for side in SIDES}
