@@ -13,8 +13,8 @@ takes, on 2 quiet cores, ~5 min for gsm8k and ~13 min for arithmetic where bf16 
 AMX), and 32 min (measured) and ~67 min (estimated from 95 steps) on an AVX2-only CPU, fp32. Run it on a quiet
 machine: a second busy process made the 2-thread SFT 3x slower per step (5 -> 15 s on the arithmetic recipe).
 
-Shipped so far: gsm8k (2026-12-05, AMD EPYC AVX2, fp32, 2 threads, 1,939 s). arithmetic is not shipped yet:
-its build was stopped when another job shared the cores; ``--task arithmetic`` trains its warm start once.
+Shipped so far: gsm8k (2026-12-05, AMD EPYC AVX2, fp32, 2 threads, 1,939 s) and arithmetic (2026-12-05, Intel
+Xeon with AMX, bf16 autocast, 2 threads, 594 s, final SFT loss 0.080).
 
 Rerun it whenever the recipe changes (data, tokenizer, model shape, SFT hyper-parameters, the
 warm-start format): runs then find no shipped warm start with their recipe and train one themselves,
