@@ -1,7 +1,7 @@
 """Warm starts shipped inside the package, so a fresh install trains from its first minute.
 
 Training the tiny model's warm start takes 5-13 minutes of a 2-core CPU (`algos.models.warm_start`).
-The default job's (``tiny-gsm8k``; ``tiny-arithmetic`` is next, see `experiments/ship_warm_starts.py`) is
+The default job's (``tiny-gsm8k``) and ``--task arithmetic``'s (``tiny-arithmetic``) are
 therefore built once by ``python experiments/ship_warm_starts.py`` and committed under
 ``algos/models/warm_starts/<name>/``:
 the Hugging Face files of the cached warm start plus ``shipped.json``, which records

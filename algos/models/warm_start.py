@@ -355,7 +355,7 @@ def warm_start_tiny(task: Task, cache_dir: Path, progress: bool = True, rebuild:
     small Llama fine-tuned on its reference solutions (`algos.models.warm_start.warm_start` with the task's
     `algos.models.warm_start.tiny_setup`), built once per (task, model config, SFT config, seed) and cached under
     ``cache_dir``, so every run and algorithm starts from the same checkpoint. The package ships the
-    ``gsm8k`` one (`algos.models.shipped`; ``shipped_dir=None`` ignores shipped ones);
+    ``gsm8k`` and ``arithmetic`` ones (`algos.models.shipped`; ``shipped_dir=None`` ignores shipped ones);
     ``rebuild=True`` trains from scratch and replaces the cache entry."""
     name, examples, texts, setup = _tiny_inputs(task)
     return warm_start(name, examples, texts, cache_dir, setup.model_overrides, setup.sft_config,

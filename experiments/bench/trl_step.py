@@ -4,7 +4,8 @@
     python experiments/bench/trl_step.py --repeats 3 --modes forced64
     python experiments/bench/trl_step.py --out /tmp/trl_step.json
 
-One process, one model directory (default: the cached arithmetic warm start, a 4.2M-parameter Llama with a
+One process, one model directory (default: the arithmetic warm start as runs get it, from the cache or the
+package's shipped copy, a 4.2M-parameter Llama with a
 54-token character tokenizer, Hugging Face format), loaded separately by each side from the same files,
 float32 on the CPU with ``--threads`` torch threads. Every step on every side is one GRPO step as its library
 does it: 1 arithmetic train prompt (the same problem for every side at a given step: problem k of
@@ -67,7 +68,6 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-DEFAULT_MODEL = Path.home() / ".cache" / "langenv" / "tiny-arithmetic-1ff0469af7546829"
 SIDES = ("trl", "ours-fast", "ours-fast-noshare", "ours-fast+old", "ours-hf")
 PHASES = ("sampling", "grading", "logprob passes", "update", "other")
 G, MAX_NEW, LR = 8, 64, 1e-5
@@ -266,16 +266,22 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a Hugging Face model directory (both sides)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a Hugging Face model directory (both sides); default: the arithmetic warm start")
     p.add_argument("--modes", nargs="+", default=["natural", "forced64"], choices=["natural", "forced64"])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per side after the warm-up step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "experiments" / "bench" / "results" / "trl_step.json")
     args = p.parse_args(argv)
+    if args.model is None:  # what `run.py --task arithmetic` starts from: cache, else the shipped copy, else trained
+        from algos.models.warm_start import warm_start_tiny
+        from algos.training.config import RunConfig
+        from langenv.tasks import make_task
+
+        args.model = warm_start_tiny(make_task("arithmetic"), RunConfig().cache_dir)
     if not (args.model / "config.json").exists():
-        raise SystemExit(f"--model {args.model}: no config.json there (build the arithmetic warm start with "
-                         f"`python experiments/run.py algo:grpo --task arithmetic --iterations 0`, or pass a model dir)")
+        raise SystemExit(f"--model {args.model}: no config.json there (pass a Hugging Face model directory)")
     os.environ.setdefault("WANDB_MODE", "disabled")
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
