@@ -159,3 +159,24 @@ def test_learning_benchmark_specs_pair_every_run_with_its_controls():
     grpo = next(s for s in runs if s.label == "grpo")
     for flag in ("--learning-rate", "--minibatch-size", "--epochs", "--samples-per-prompt", "--warmup-ratio"):
         assert sft.flags[sft.flags.index(flag) + 1] == grpo.flags[grpo.flags.index(flag) + 1], flag
+
+
+def test_every_learning_benchmark_run_parses_as_a_run_command(tmp_path):
+    """Each run's command line is accepted by experiments/run.py's parser (flags exist, values validate),
+    so no part of a multi-hour benchmark fails at its start; the ablation rows differ from their base only where
+    they should."""
+    import tyro
+
+    from experiments import run
+    from experiments.bench import learning
+
+    runs = learning.specs(learning.LearningBench(seeds=[0]))
+    parsed = {}
+    for spec in runs:
+        argv = compare.command(spec, "arithmetic", "tiny", 50, tmp_path)[2:]
+        parsed[spec.label] = tyro.cli(run.Command, args=argv, config=(tyro.conf.OmitArgPrefixes,))
+    assert set(parsed) == set(learning.SETTINGS)
+    assert [parsed[k].algo.mc_rollouts for k in ("vineppo-k1", "vineppo", "vineppo-k9")] == [1, 4, 9]
+    for label in ("vineppo-t1.2", "ppo-t1.2"):
+        assert parsed[label].algo.sampling.temperature == 1.2 and parsed[label].run.eval_sampled_temperature == 0.6
+    assert parsed["vineppo"].run.eval_sampled_temperature is None

@@ -119,3 +119,26 @@ def test_dynamic_sampling_runs_and_is_refused_where_unsupported(tmp_path, guess_
     assert rows[-1]["update/lr"] == 0.0  # the schedule ends at 0 however many groups were kept
     with pytest.raises(ValueError, match="--dynamic-sampling: algo:ppo does not collect groups"):
         main(["algo:ppo", *common, "--out", str(tmp_path / "p"), "--dynamic-sampling", "2"])
+
+
+def test_eval_sampled_temperature_sets_the_sampled_evaluation_only(tmp_path, guess_model_dir, capsys):
+    """--eval-sampled-temperature samples the sampled evaluation at its own temperature: near 0 it
+    reproduces the greedy evaluation; equal to the training temperature it changes nothing."""
+    def evaluation(name, extra):
+        out = tmp_path / name
+        main(["algo:grpo", "--task", "guess", "--model", str(guess_model_dir), "--iterations", "0", "--out", str(out),
+              "--wandb", "disabled", "--max-new-tokens", "16", "--eval-problems", "16", "--eval-sampled-samples", "4",
+              "--canary-problems", "0", "--temperature", "1.0", *extra])
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+    default = evaluation("default", [])
+    same = evaluation("same", ["--eval-sampled-temperature", "1.0"])
+    cold = evaluation("cold", ["--eval-sampled-temperature", "0.001"])
+    assert same["eval/accuracy_sampled"] == default["eval/accuracy_sampled"]
+    # the guess model answers one way greedily and both ways when sampled at T = 1
+    assert default["eval/accuracy_sampled"] != default["eval/accuracy"]
+    assert cold["eval/accuracy_sampled"] == cold["eval/accuracy"] == default["eval/accuracy"]
+    with pytest.raises(SystemExit) as exc:
+        evaluation("zero", ["--eval-sampled-temperature", "0"])
+    assert exc.value.code != 0
+    assert "eval_sampled_temperature: expected > 0" in " ".join(capsys.readouterr().err.split())

@@ -77,6 +77,10 @@ class RunConfig:
     """Also evaluate one sample per test problem at the algorithm's training temperature and top_p,
     logging eval/accuracy_sampled and eval/kl: KL(π‖π_ref) per response token, the k3 estimate on
     those samples under the tempered policies (what the training KL penalties regularise)."""
+    eval_sampled_temperature: float | None = None
+    """Temperature of the sampled evaluation (and of its KL); default: the algorithm's training
+    temperature. Set it to compare runs trained at different temperatures on the same evaluation
+    (e.g. the VinePPO paper's §8.4 check, training at T = 1.2, evaluated at 0.6 like the rest)."""
     eval_sampled_samples: int = 1
     """Samples per test problem in the sampled evaluation (at the training temperature): pass@1 is
     their mean correct fraction (eval/accuracy_sampled); with n > 1 also eval/pass@k for k = 2, 4, ...
@@ -145,6 +149,9 @@ class RunConfig:
         if self.mc_diagnostics_states < 1 or self.mc_diagnostics_k < 1:
             raise ValueError(f"mc_diagnostics_states and mc_diagnostics_k: expected >= 1, got "
                              f"{self.mc_diagnostics_states} and {self.mc_diagnostics_k}")
+        if self.eval_sampled_temperature is not None and self.eval_sampled_temperature <= 0:
+            raise ValueError(f"eval_sampled_temperature: expected > 0 (the sampled evaluation samples; greedy is "
+                             f"--eval-temperature 0), got {self.eval_sampled_temperature}")
         if self.eval_sampled_samples < 1:
             raise ValueError(f"eval_sampled_samples: expected >= 1, got {self.eval_sampled_samples}")
         if self.eval_samples < 1:

@@ -289,13 +289,14 @@ def _restore(r: _Run) -> dict[str, Any]:
 
 def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     """Greedy (or ``eval_temperature``) accuracy on the test problems, and with ``eval_sampled``
-    the accuracy of one sample per problem at the training temperature and the KL to the reference
-    on those samples. Rank 0 evaluates; the other ranks return ``{}`` at once, except in a sharded
+    the accuracy of samples at the training temperature (or ``eval_sampled_temperature``) and the KL
+    to the reference on those samples at that temperature. Rank 0 evaluates; the other ranks return ``{}`` at once, except in a sharded
     run, where they join the KL's forward passes (collectives) on rank 0's samples."""
     run, cfg = r.run, r.algo_config.sampling
     if not (r.main or r.sharded):
         return {}
     t = time.perf_counter()
+    sampled_t = cfg.temperature if run.eval_sampled_temperature is None else run.eval_sampled_temperature
     res: dict[str, float] = {}
     if r.main:
         res = evaluate(r.eval_env, r.sampler, r.eval_problems, run.eval_samples, run.eval_temperature,
@@ -304,13 +305,13 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
         episodes = None
         if r.main:
             n = run.eval_sampled_samples
-            params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, n)
+            params = SamplingParams(sampled_t, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, n)
             episodes = collect_episodes(r.eval_env, r.sampler, r.eval_problems, params,
                                         seed=r.ctx.seed_for(iteration, "eval-sampled"))
             res.update(sampled_metrics(episodes, r.eval_problems, n))
         if r.sharded:
             episodes = r.dist.broadcast_object(episodes)
-        kl = kl_to_reference(r.policy, r.reference, episodes, cfg.temperature, r.ctx.pad_token_id)
+        kl = kl_to_reference(r.policy, r.reference, episodes, sampled_t, r.ctx.pad_token_id)
         if r.main:
             res["eval/kl"] = kl
     if not r.main:
