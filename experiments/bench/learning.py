@@ -102,6 +102,11 @@ TRIED: list[str] = [
     "pilot GRPO 32 x 8, mini-batch 128, beta 1e-3, 10% warm-up, 20 iterations, lr 1e-5, 1 epoch: greedy 34.4 -> "
     "35.6 ± 2.1, sampled 29.8 -> 29.2, KL 0.003, training reward flat near 0.25",
     "pilot GRPO as above, lr 5e-5, 2 epochs: greedy 34.4 -> 28.8, sampled 29.8 -> 23.8, KL 0.03-0.04 (damaged)",
+    "this design, lr 2e-5, 2 epochs, seed 0, the shipped arithmetic warm start (sampled pass@1 54.2, greedy 58.2, "
+    "pass@4 64.1): GRPO 54.2 -> 55.3 (+1.1 ± 1.4) at KL 0.007, the null control 54.2 -> 48.3 (-5.9) at KL 0.026 "
+    "and rising; only 27% of groups mixed (41% all correct, 30% all wrong), gradient norms 0.14-0.27 (clip 1 never "
+    "binds), ratio clipping ~0.1%: the signal holds the policy against the drift the null shows, but 200 steps of "
+    "it buy about a point",
 ]
 
 
