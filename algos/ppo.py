@@ -56,12 +56,12 @@ import torch
 
 from algos import core
 from algos.actor import ActorSettings, actor_update
-from algos.config import ActorConfig, OptimConfig, SamplingConfig, with_fields
+from algos.config import ActorConfig, OptimConfig, SamplingConfig, advance_schedule, with_fields
 from algos.critic import CriticSettings, ValueModel, compute_values, critic_update, explained_variance, terminal_rewards
 from algos.models.policy import batch_sequences
 from algos.models.sft import cpu_has_fast_bf16
 from algos.models.sharding import full_state_dict, is_sharded
-from algos.rollout import collect_episodes, episode_metrics
+from algos.rollout import episode_metrics
 from algos.training.checks import check_finite, check_fraction, check_positive, check_types
 from algos.training.context import TrainContext
 from algos.value_pretraining import ValuePretrainConfig, pretrain_critic
@@ -128,6 +128,7 @@ class PPO:
 
     name = "ppo"
     supports_distributed = True  # actor_update shards the batch across processes (algos.training.distributed)
+    supports_dynamic_sampling = True  # collects through ctx.collect_groups
 
     def __init__(self, config: PPOConfig, ctx: TrainContext, total_iterations: int) -> None:
         self.config = config
@@ -182,8 +183,16 @@ class PPO:
             self.value_pretraining_pending = False
         t0 = time.perf_counter()
         params = cfg.sampling.params(cfg.sampling.samples_per_prompt, ctx.task.stop_strings)
-        episodes = collect_episodes(ctx.env, ctx.sampler, problems, params, seed=ctx.seed_for(iteration, "episodes"),
-                                    timings=timings)
+        episodes, collection = ctx.collect_groups(problems, params, iteration, timings)
+        # this iteration's share of both schedules, also when dynamic sampling kept fewer groups (or none)
+        planned = cfg.optim.steps_per_iteration(len(problems) * cfg.sampling.samples_per_prompt)
+        schedule_start = (self.scheduler.last_epoch, self.critic_scheduler.last_epoch)
+        if not episodes:
+            advance_schedule(self.scheduler, planned)
+            advance_schedule(self.critic_scheduler, planned)
+            return {**episode_metrics(episodes), **collection, **pretrain, "update/optimizer_steps": 0.0,
+                    "value/optimizer_steps": 0.0, "time/sampling": timings.get("generate", 0.0),
+                    "time/grading": timings.get("env", 0.0), "time/iteration": time.perf_counter() - t0}
         t1 = time.perf_counter()
         batch = batch_sequences([e.prompt_ids for e in episodes], [e.response_ids for e in episodes], ctx.pad_token_id)
         mask = batch["response_mask"].float()
@@ -207,10 +216,12 @@ class PPO:
         value_update = critic_update(self.critic, self.critic_optimizer, self.critic_scheduler, batch, old_values,
                                      returns, self.critic_settings, critic_rng, dist=ctx.dist)
         ctx.sampler.update_weights(ctx.policy)
+        advance_schedule(self.scheduler, planned - (self.scheduler.last_epoch - schedule_start[0]))
+        advance_schedule(self.critic_scheduler, planned - (self.critic_scheduler.last_epoch - schedule_start[1]))
         t4 = time.perf_counter()
 
         n_tokens = max(float(mask.sum()), 1.0)
-        metrics = episode_metrics(episodes)
+        metrics = {**episode_metrics(episodes), **collection}
         metrics.update({
             "train/advantage_mean": float(core.masked_sum(advantages, mask)) / n_tokens,
             "train/return_mean": float(core.masked_sum(returns, mask)) / n_tokens,

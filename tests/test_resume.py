@@ -44,6 +44,7 @@ CASES = {**{name: (name, flags) for name, flags in ALGO_FLAGS.items()},
          "grpo+learnability": ("grpo", ALGO_FLAGS["grpo"] + " --prompt-sampler learnability "
                                        "--learnability-pool-factor 2 --learnability-attempts 2"),
          "grpo+dynamic+cppo": ("grpo", ALGO_FLAGS["grpo"] + " --dynamic-sampling 2 --prune-keep 2"),
+         "ppo+dynamic": ("ppo", ALGO_FLAGS["ppo"] + " --dynamic-sampling 2"),
          "ppo+mc-diagnostics": ("ppo", ALGO_FLAGS["ppo"] + " --mc-diagnostics-every 1 --mc-diagnostics-states 4 "
                                       "--mc-diagnostics-k 2")}
 

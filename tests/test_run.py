@@ -110,15 +110,18 @@ def test_mc_diagnostics_are_logged_without_changing_the_run(algo, tmp_path, gues
         assert a["train/reward"] == b["train/reward"] and a["update/loss"] == b["update/loss"]
 
 
-def test_dynamic_sampling_runs_and_is_refused_where_unsupported(tmp_path, guess_model_dir):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_dynamic_sampling_runs_and_is_refused_where_unsupported(algo, tmp_path, guess_model_dir):
     common = ["--task", "guess", "--model", str(guess_model_dir), "--iterations", "2", "--wandb", "disabled",
               "--prompts-per-iteration", "2", "--max-new-tokens", "16", "--eval-problems", "2", "--canary-problems", "0"]
-    main(["algo:grpo", *common, "--out", str(tmp_path / "g"), *SMALL["grpo"].split(), "--dynamic-sampling", "2"])
+    main([f"algo:{algo}", *common, "--out", str(tmp_path / "g"), *SMALL[algo].split(), "--dynamic-sampling", "2"])
     rows = [json.loads(line) for line in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["dynamic/fill"] <= 1.0 and r["dynamic/rounds"] >= 1 for r in rows[1:])
     assert rows[-1]["update/lr"] == 0.0  # the schedule ends at 0 however many groups were kept
-    with pytest.raises(ValueError, match="--dynamic-sampling: algo:ppo does not collect groups"):
-        main(["algo:ppo", *common, "--out", str(tmp_path / "p"), "--dynamic-sampling", "2"])
+    if algo == "ppo":
+        assert rows[-1]["value/lr"] == 0.0  # the critic's schedule too
+    with pytest.raises(ValueError, match="--dynamic-sampling: algo:dpo-plus does not collect groups"):
+        main(["algo:dpo-plus", *common, "--out", str(tmp_path / "p"), "--dynamic-sampling", "2"])
 
 
 def test_eval_sampled_temperature_sets_the_sampled_evaluation_only(tmp_path, guess_model_dir, capsys):

@@ -163,7 +163,7 @@ def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...
                          f"run it in one process, or use vineppo, ppo, grpo or rloo")
     if run.dynamic_sampling and not getattr(build, "supports_dynamic_sampling", False):
         raise ValueError(f"--dynamic-sampling: algo:{algo_name} does not collect groups through the dynamic sampler; "
-                         f"use vineppo, grpo or rloo")
+                         f"use vineppo, ppo, grpo or rloo")
     if run.sharding != "none":
         if not (getattr(build, "supports_distributed", False) and hasattr(build, "trainables")):
             raise ValueError(f"--sharding {run.sharding}: algo:{algo_name} does not support sharded training; "

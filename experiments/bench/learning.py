@@ -19,7 +19,8 @@ mini-batch, epochs and number of steps as GRPO, on G copies of each reference so
 (GRPO's settings with ``--permute-advantages``: the same update size without the signal). "RL minus
 null" is learning, "null minus start" drift. The seeds' other methods each get a row next to their base:
 ``vc-ppo`` (value pretraining, decoupled GAE), ``ppo+learnability`` and ``vineppo+learnability`` (the
-paper's comparison), ``grpo+dynamic`` (DAPO dynamic sampling) and ``grpo+cppo`` (completion pruning). The
+paper's comparison), ``grpo+dynamic``, ``vineppo+dynamic`` and ``ppo+dynamic`` (DAPO dynamic sampling: only
+groups with mixed rewards are trained on) and ``grpo+cppo`` (completion pruning). The
 VinePPO paper's ablations: ``vineppo-k1`` and ``vineppo-k9`` (K = 1 and 9 Monte-Carlo rollouts; ``vineppo`` is
 K = 4) and ``vineppo-t1.2`` / ``ppo-t1.2`` (trained at T = 1.2, §8.4; their sampled evaluation stays at 0.6).
 
@@ -78,6 +79,8 @@ SETTINGS: dict[str, str] = {
                         "--prompt-sampler learnability",
     "vineppo+learnability": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 4 --kl-coef 1e-3 --prompt-sampler learnability",
     "grpo+dynamic": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --dynamic-sampling 3",
+    "vineppo+dynamic": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 4 --kl-coef 1e-3 --dynamic-sampling 3",
+    "ppo+dynamic": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3 --dynamic-sampling 3",
     "grpo+cppo": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --prune-keep 4",
     # issue 11 §3: the K ablation (K = 4 is the vineppo row) and the paper's §8.4 temperature tolerance check
     # (trained at T = 1.2, evaluated at 0.6 like every other row)
@@ -89,6 +92,7 @@ SETTINGS: dict[str, str] = {
                 "--eval-sampled-temperature 0.6",
 }
 ALGO = {"null": "grpo", "ppo+learnability": "ppo", "vineppo+learnability": "vineppo", "grpo+dynamic": "grpo",
+        "vineppo+dynamic": "vineppo", "ppo+dynamic": "ppo",
         "grpo+cppo": "grpo", "vineppo-k1": "vineppo", "vineppo-k9": "vineppo", "vineppo-t1.2": "vineppo",
         "ppo-t1.2": "ppo"}  # labels that are not algorithm names
 RESTEM_ROUNDS = 5
