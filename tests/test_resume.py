@@ -103,6 +103,7 @@ def test_resume_in_a_new_process_is_exact(case, tmp_path, guess_model_dir):
     a, b = metric_rows(straight), metric_rows(split)
     assert [r["iteration"] for r in b] == [0, 1, 2, 3, 4]
     assert a == b
+    assert (straight / "evaluations.jsonl").read_text() == (split / "evaluations.jsonl").read_text()
     assert_same_weights(straight / "final", split / "final")
     if algo == "vc-ppo":  # pretrained before iteration 1's sampling, and not again after the resume
         assert a[1]["value_pretrain/steps"] >= 4 and a[1]["value_pretrain/cached"] == 0
@@ -166,10 +167,14 @@ def test_crashed_run_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path, g
     with open(out / "metrics.jsonl", "a") as f:  # what a run killed during iteration 3 may leave behind
         f.write(json.dumps({"iteration": 3, "train/reward": 0.5}) + "\n")
         f.write('{"iteration": 4, "train/rew')
+    with open(out / "evaluations.jsonl", "a") as f:  # and an evaluation logged after the checkpoint
+        f.write(json.dumps({"iteration": 4, "problem_ids": [], "samples": 1, "correct": []}) + "\n")
     main(["--resume", str(out)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4]
     assert "update/loss" in rows[3]
+    evaluations = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evaluations] == [0, 2, 4] and len(evaluations[-1]["correct"]) == 4
 
 
 def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, guess_model_dir):

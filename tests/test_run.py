@@ -124,6 +124,26 @@ def test_dynamic_sampling_runs_and_is_refused_where_unsupported(algo, tmp_path, 
         main(["algo:dpo-plus", *common, "--out", str(tmp_path / "p"), "--dynamic-sampling", "2"])
 
 
+def test_evaluations_record_per_problem_results_that_add_up_to_the_logged_accuracy(tmp_path, guess_model_dir):
+    """evaluations.jsonl holds, per evaluation, each test problem's correct counts (greedy and sampled),
+    in the same problem order every time, and they average to the accuracies in metrics.jsonl."""
+    out = tmp_path / "run"
+    main(["algo:grpo", "--task", "guess", "--model", str(guess_model_dir), "--iterations", "2", "--out", str(out),
+          "--wandb", "disabled", "--prompts-per-iteration", "2", "--max-new-tokens", "16", "--eval-problems", "6",
+          "--eval-every", "1", "--eval-samples", "2", "--eval-temperature", "1.0", "--eval-sampled-samples", "3",
+          "--canary-problems", "0", *SMALL["grpo"].split()])
+    rows = {r["iteration"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    evaluations = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evaluations] == [0, 1, 2]
+    assert len({tuple(e["problem_ids"]) for e in evaluations}) == 1 and len(evaluations[0]["problem_ids"]) == 6
+    for e in evaluations:
+        row = rows[e["iteration"]]
+        assert e["samples"] == 2 and e["sampled_samples"] == 3
+        assert all(0 <= c <= 2 for c in e["correct"]) and all(0 <= c <= 3 for c in e["sampled_correct"])
+        assert sum(e["correct"]) / (6 * 2) == pytest.approx(row["eval/accuracy"])
+        assert sum(e["sampled_correct"]) / (6 * 3) == pytest.approx(row["eval/accuracy_sampled"])
+
+
 def test_eval_sampled_temperature_sets_the_sampled_evaluation_only(tmp_path, guess_model_dir, capsys):
     """--eval-sampled-temperature samples the sampled evaluation at its own temperature: near 0 it
     reproduces the greedy evaluation; equal to the training temperature it changes nothing."""

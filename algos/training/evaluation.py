@@ -45,7 +45,7 @@ def sampled_metrics(episodes: Sequence, problems: Sequence, samples: int,
     ``eval/pass@k`` for k = 2, 4, 8, ... up to ``samples`` (`pass_at_k`), and, when problems carry a
     ``num_ops`` (or ``level``) meta field, pass@1 per value of it (``prefix/<field>=<value>``)."""
     out = accuracy_metrics(episodes, len(problems), samples, prefix)
-    correct = [sum(e.reward >= 0.5 for e in episodes[i * samples:(i + 1) * samples]) for i in range(len(problems))]
+    correct = correct_counts(episodes, len(problems), samples)
     k = 2
     while k <= samples:
         out[f"eval/pass@{k}"] = sum(pass_at_k(samples, c, k) for c in correct) / len(problems)
@@ -61,16 +61,34 @@ def sampled_metrics(episodes: Sequence, problems: Sequence, samples: int,
     return out
 
 
-def evaluate(env: LanguageEnv, sampler: Sampler, problems: Sequence, samples: int, temperature: float,
-             top_p: float, max_new_tokens: int, seed: int) -> dict[str, float]:
-    """Mean correct fraction over ``samples`` responses to each problem, with its standard error."""
+def correct_counts(episodes: Sequence, problems: int, samples: int) -> list[int]:
+    """Per problem, how many of its ``samples`` consecutive episodes are correct (reward ≥ 0.5):
+    the per-problem record that paired comparisons of two evaluations on the same problems need."""
+    return [sum(e.reward >= 0.5 for e in episodes[i * samples:(i + 1) * samples]) for i in range(problems)]
+
+
+def evaluation_episodes(env: LanguageEnv, sampler: Sampler, problems: Sequence, samples: int, temperature: float,
+                        top_p: float, max_new_tokens: int, seed: int) -> list:
+    """``samples`` responses to each problem (problem-major) at ``temperature`` (greedy at 0, where
+    top-p is ignored)."""
     params = SamplingParams(temperature, top_p if temperature > 0 else 1.0, max_new_tokens, env.task.stop_strings, samples)
-    episodes = collect_episodes(env, sampler, problems, params, seed=seed)
+    return collect_episodes(env, sampler, problems, params, seed=seed)
+
+
+def evaluation_metrics(episodes: Sequence, problems: int, samples: int) -> dict[str, float]:
+    """`accuracy_metrics` of `evaluation_episodes`, plus the truncated share and the mean response length."""
     return {
-        **accuracy_metrics(episodes, len(problems), samples),
+        **accuracy_metrics(episodes, problems, samples),
         "eval/truncated": sum(e.state.truncated for e in episodes) / len(episodes),
         "eval/response_tokens": sum(len(e.response_ids) for e in episodes) / len(episodes),
     }
+
+
+def evaluate(env: LanguageEnv, sampler: Sampler, problems: Sequence, samples: int, temperature: float,
+             top_p: float, max_new_tokens: int, seed: int) -> dict[str, float]:
+    """Mean correct fraction over ``samples`` responses to each problem, with its standard error."""
+    episodes = evaluation_episodes(env, sampler, problems, samples, temperature, top_p, max_new_tokens, seed)
+    return evaluation_metrics(episodes, len(problems), samples)
 
 
 def kl_to_reference(policy, reference, episodes: Sequence, temperature: float, pad_token_id: int,

@@ -54,10 +54,12 @@ from algos.training.config import RunConfig
 from algos.training.context import Algorithm, TrainContext
 from algos.training.distributed import Dist
 from algos.training.distributed import current as current_dist
-from algos.training.evaluation import evaluate, kl_to_reference, sampled_metrics
+from algos.training.evaluation import (correct_counts, evaluation_episodes, evaluation_metrics, kl_to_reference,
+                                       sampled_metrics)
 from algos.training.mc_diagnostics import MCDiagnostics
 from algos.training.prompts import PromptSampler, make_prompt_sampler
 from algos.training.run_control import (
+    EVALUATIONS,
     RESUMABLE_CHANGES,
     NonFiniteUpdatesError,
     StopRequests,
@@ -124,7 +126,10 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
     Writes ``config.json``; ``metrics.jsonl`` (one JSON object per line: iteration 0 holds the
     evaluation before training, then one row per iteration with the algorithm's metrics, the
     evaluations when due, and running totals ``total/optimizer_steps`` and ``total/tokens`` — all
-    sampled tokens, Monte-Carlo rollouts included); crash-safe checkpoints under ``checkpoints/``
+    sampled tokens, Monte-Carlo rollouts included); ``evaluations.jsonl`` (one line per evaluation:
+    ``iteration``, the test ``problem_ids``, and per problem the number of ``correct`` of ``samples``
+    greedy responses and of ``sampled_correct`` of ``sampled_samples`` sampled ones, so that two
+    evaluations on the same problems compare paired); crash-safe checkpoints under ``checkpoints/``
     (`algos.training.checkpoint`) every ``save_every`` iterations, on SIGTERM/SIGINT and at the end;
     the final model in Hugging Face format under ``final/`` (plus anything the algorithm saves through
     an optional ``save(path)``, e.g. PPO's critic); ``summary.json`` last. Mirrors metrics to wandb.
@@ -276,8 +281,9 @@ def _restore(r: _Run) -> dict[str, Any]:
     r.sampler.update_weights(r.policy)
     state.update({k: saved[k] for k in state if k != "reference_fingerprint"})
     if r.main:
-        rows = read_metrics(r.out / "metrics.jsonl", state["iteration"])
-        (r.out / "metrics.jsonl").write_text("".join(line + "\n" for line in rows))
+        for name in ("metrics.jsonl", EVALUATIONS):  # rows after the checkpoint are written again
+            rows = read_metrics(r.out / name, state["iteration"])
+            (r.out / name).write_text("".join(line + "\n" for line in rows))
     set_rng_state(saved["rng"], {"ctx": r.ctx.generator})
     print(f"[langenv] resuming {r.out} from {r.resume.path.name} (iteration {state['iteration']} of {r.run.iterations})")
     return state
@@ -298,9 +304,14 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     t = time.perf_counter()
     sampled_t = cfg.temperature if run.eval_sampled_temperature is None else run.eval_sampled_temperature
     res: dict[str, float] = {}
+    record: dict[str, Any] = {}
     if r.main:
-        res = evaluate(r.eval_env, r.sampler, r.eval_problems, run.eval_samples, run.eval_temperature,
-                       run.eval_top_p, cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
+        problems = r.eval_problems
+        greedy = evaluation_episodes(r.eval_env, r.sampler, problems, run.eval_samples, run.eval_temperature,
+                                     run.eval_top_p, cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
+        res = evaluation_metrics(greedy, len(problems), run.eval_samples)
+        record = {"iteration": iteration, "problem_ids": [p.id for p in problems], "samples": run.eval_samples,
+                  "correct": correct_counts(greedy, len(problems), run.eval_samples)}
     if run.eval_sampled:
         episodes = None
         if r.main:
@@ -309,6 +320,7 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
             episodes = collect_episodes(r.eval_env, r.sampler, r.eval_problems, params,
                                         seed=r.ctx.seed_for(iteration, "eval-sampled"))
             res.update(sampled_metrics(episodes, r.eval_problems, n))
+            record.update(sampled_samples=n, sampled_correct=correct_counts(episodes, len(r.eval_problems), n))
         if r.sharded:
             episodes = r.dist.broadcast_object(episodes)
         kl = kl_to_reference(r.policy, r.reference, episodes, sampled_t, r.ctx.pad_token_id)
@@ -316,6 +328,8 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
             res["eval/kl"] = kl
     if not r.main:
         return {}
+    with open(r.out / EVALUATIONS, "a") as f:
+        f.write(json.dumps(record) + "\n")
     res["time/eval"] = time.perf_counter() - t
     return res
 

@@ -23,7 +23,7 @@ import torch
 from algos.training.distributed import Dist
 
 __all__ = ["NonFiniteUpdatesError", "TrainingInterrupted", "StopRequests", "prepare_out", "start_out",
-           "config_differences", "RESUMABLE_CHANGES", "read_metrics", "nonfinite_streak", "on_main_first",
+           "config_differences", "RESUMABLE_CHANGES", "EVALUATIONS", "read_metrics", "nonfinite_streak", "on_main_first",
            "combine_ranks", "seed_everything"]
 
 
@@ -58,10 +58,14 @@ def prepare_out(run, algo_name: str) -> Path:
     return out
 
 
+#: Per-problem results of every evaluation (`algos.training.loop.train` writes it).
+EVALUATIONS = "evaluations.jsonl"
+
+
 def start_out(out: Path) -> None:
     """Clear what an earlier run left in ``out`` (``--overwrite``) and start an empty metrics file;
     called only once the model, tokenizer and prompts have passed their checks."""
-    for name in ("metrics.jsonl", "summary.json"):
+    for name in ("metrics.jsonl", "summary.json", EVALUATIONS):
         (out / name).unlink(missing_ok=True)
     for name in ("checkpoints", "final"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -86,7 +90,7 @@ RESUMABLE_CHANGES = {"run.iterations", "run.resume", "run.out", "run.overwrite",
 
 
 def read_metrics(path: Path, upto: int) -> list[str]:
-    """The lines of ``metrics.jsonl`` for iterations ``<= upto`` (a crashed run may have logged rows
+    """The lines of ``metrics.jsonl`` (or of `EVALUATIONS`) for iterations ``<= upto`` (a crashed run may have logged rows
     after its last checkpoint; they are dropped so the resumed run writes each iteration once).
 
     Raises:
