@@ -143,8 +143,43 @@ def test_learning_benchmark_gains_by_hand(tmp_path):
     deltas = [0.06, 0.04, 0.07]
     mean = sum(deltas) / 3
     assert g["gain_se"] == pytest.approx((sum((d - mean) ** 2 for d in deltas) / 2 / 3) ** 0.5)
-    assert table["null"]["gain_mean"] == pytest.approx(-0.01) and table["null"]["gain_se"] == 0.012
+    # one seed without per-problem records: the two evaluations' errors, unpaired
+    assert table["null"]["gain_mean"] == pytest.approx(-0.01)
+    assert table["null"]["gain_se"] == pytest.approx((2 * 0.012 ** 2) ** 0.5)
+    assert table["null"]["gain_se_kind"] == "unpaired evaluations"
+    assert g["vs_null"]["diff"] == pytest.approx(1.08 / 3 - 0.29) and g["vs_null"]["se_kind"] == "seeds"
     assert "ppo" not in table  # nothing finished
+
+
+def _records(run_dir: Path, start: list[int], final: list[int], samples: int = 4) -> None:
+    recs = [{"iteration": it, "problem_ids": [str(i) for i in range(len(c))], "samples": 1, "correct": [0] * len(c),
+             "sampled_samples": samples, "sampled_correct": c} for it, c in ((0, start), (10, final))]
+    (run_dir / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_learning_benchmark_pairs_one_seed_runs_over_problems(tmp_path):
+    """With per-problem records (evaluations.jsonl), one-seed gains and differences from the controls
+    are paired over the test problems: hand-computed means and standard errors."""
+    from experiments.bench import learning
+
+    start = [0, 2, 4, 4]  # of 4 samples: pass@1 0.625
+    _fake_sampled_run(tmp_path / "grpo-seed0", 0.625, 0.75)
+    _records(tmp_path / "grpo-seed0", start, [1, 3, 4, 4])  # 12/16
+    _fake_sampled_run(tmp_path / "sft-seed0", 0.625, 0.6875)
+    _records(tmp_path / "sft-seed0", start, [0, 3, 4, 4])  # 11/16
+    specs = [compare.RunSpec("grpo", "grpo", 0), compare.RunSpec("sft", "sft", 0)]
+    table = learning.gains(specs, tmp_path)
+    g = table["grpo"]
+    # per-problem gains 0.25, 0.25, 0, 0: mean 0.125, sd sqrt(1/48), se sqrt(1/48)/2
+    assert g["gain_mean"] == pytest.approx(0.125) and g["gain_se_kind"] == "paired problems"
+    assert g["gain_se"] == pytest.approx((1 / 48) ** 0.5 / 2)
+    # against the SFT control: per-problem differences 0.25, 0, 0, 0
+    assert g["vs_sft"]["diff"] == pytest.approx(0.0625) and g["vs_sft"]["se_kind"] == "paired problems"
+    assert g["vs_sft"]["se"] == pytest.approx(0.0625)  # sum of squares 3/64, / 3 / 4 = 1/256
+    assert "| grpo | 1 | 62.5 | 75.0 | +12.5 ± 7.2 (paired problems) | +6.2 ± 6.2 (paired problems) |" \
+        in learning.gains_table(table)
+    with pytest.raises(ValueError, match="same problems"):
+        learning.paired([0.0, 1.0], [1.0])
 
 
 def test_learning_benchmark_specs_pair_every_run_with_its_controls():

@@ -29,8 +29,10 @@ the first ``--eval-problems`` (1,000) test problems, the same problems for every
 also greedy accuracy, pass@8, pass@1 by number of operations, the training reward, the share of mixed
 groups and the KL to the reference, every ``--eval-every`` iterations. Results go to
 ``experiments/bench/results/learning-arithmetic/``: per-run folders (metrics.jsonl, summary.json),
-``summary.md`` (compare.py's table), ``summary.json`` (per label: seeds, start and final sampled pass@1,
-the gain's mean and standard error across seeds) and ``pass1_vs_{steps,wallclock,kl}.png``.
+``summary.md`` (compare.py's table, then each label's gain and its differences from the SFT and null
+controls), ``summary.json`` (per label: seeds, start and final sampled pass@1, the gain's mean and standard
+error — across seeds, or with one seed paired over the test problems from the runs' ``evaluations.jsonl`` —
+and ``vs_sft`` / ``vs_null``) and ``pass1_vs_{steps,wallclock,kl}.png``.
 
 Settings tried while setting this up are in ``TRIED``.
 """
@@ -161,28 +163,107 @@ def _sampled(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "eval/accuracy_sampled" in r]
 
 
-def gains(run_specs: list[compare.RunSpec], out: Path) -> dict:
-    """Per label: seeds finished, mean start and final sampled pass@1 (fractions) and the gain's mean and
-    standard error across seeds (the single run's evaluation standard error with one seed)."""
+def _records(run_dir: Path) -> dict[int, dict]:
+    """The run's per-problem evaluation records (``evaluations.jsonl``) by iteration; {} for runs
+    made before the loop wrote them."""
+    path = run_dir / "evaluations.jsonl"
+    if not path.is_file():
+        return {}
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["iteration"]: r for r in recs if "sampled_correct" in r}
+
+
+def _rates(record: dict) -> list[float]:
+    """Per-problem sampled pass@1 of one evaluation record."""
+    return [c / record["sampled_samples"] for c in record["sampled_correct"]]
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``b − a`` over problems and its standard error (paired: the problems' own difficulty
+    cancels). Raises ValueError when the lists differ in length (not the same problems)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired: need the same problems in both evaluations (got {len(a)} and {len(b)})")
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def gains(run_specs: list[compare.RunSpec], out: Path, controls: tuple[str, ...] = ("sft", "null")) -> dict:
+    """Per label: seeds finished, mean start and final sampled pass@1 (fractions), the gain's mean and
+    standard error, and the difference of the final pass@1 from each control's (``vs_sft``,
+    ``vs_null``: {"diff", "se", "se_kind"}).
+
+    Standard errors: across seeds when there are ≥ 2 (what the issue's "mean − 2 SE > 0" reads);
+    with one seed, paired over the test problems when both evaluations left per-problem records
+    (``evaluations.jsonl``: every run evaluates the same problems), else unpaired from the two
+    evaluations' own standard errors (an upper bound). ``gain_se_kind`` / ``se_kind`` say which."""
     result: dict[str, dict] = {}
+    finals: dict[str, list[dict]] = {}  # label -> per seed {"mean", "se", "rates" or None}
     for label in dict.fromkeys(s.label for s in run_specs):
-        evals = [_sampled(r["rows"]) for s in run_specs if s.label == label and (r := compare.load_run(out / s.dirname))]
-        evals = [e for e in evals if len(e) >= 2]
-        if not evals:
+        runs = [(compare.load_run(out / s.dirname), _records(out / s.dirname))
+                for s in run_specs if s.label == label]
+        runs = [(r, rec) for r, rec in runs if r and len(_sampled(r["rows"])) >= 2]
+        if not runs:
             continue
-        starts = [e[0]["eval/accuracy_sampled"] for e in evals]
-        finals = [e[-1]["eval/accuracy_sampled"] for e in evals]
-        deltas = [f - s for s, f in zip(starts, finals)]
+        starts, ends, deltas, kinds, ses = [], [], [], [], []
+        finals[label] = []
+        for r, rec in runs:
+            e = _sampled(r["rows"])
+            s0, s1 = e[0]["eval/accuracy_sampled"], e[-1]["eval/accuracy_sampled"]
+            starts.append(s0)
+            ends.append(s1)
+            deltas.append(s1 - s0)
+            last = rec.get(e[-1]["iteration"])
+            if 0 in rec and last is not None:
+                ses.append(paired(_rates(rec[0]), _rates(last))[1])
+                kinds.append("paired problems")
+            else:
+                ses.append(math.hypot(e[0].get("eval/accuracy_sampled_stderr", float("nan")),
+                                      e[-1].get("eval/accuracy_sampled_stderr", float("nan"))))
+                kinds.append("unpaired evaluations")
+            finals[label].append({"mean": s1, "se": e[-1].get("eval/accuracy_sampled_stderr", float("nan")),
+                                  "rates": _rates(last) if last is not None else None})
         n = len(deltas)
         mean = sum(deltas) / n
-        if n > 1:
-            se = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (n - 1) / n)
-        else:  # one seed: paired problems, so the final evaluation's own error is an upper bound
-            se = evals[0][-1].get("eval/accuracy_sampled_stderr", float("nan"))
-        result[label] = {"seeds": n, "start": sum(starts) / n, "final": sum(finals) / n, "gain_mean": mean,
-                         "gain_se": se, "final_greedy": sum(e[-1]["eval/accuracy"] for e in evals) / n,
-                         "final_kl": sum(e[-1].get("eval/kl", float("nan")) for e in evals) / n}
+        se, kind = (_across(deltas), "seeds") if n > 1 else (ses[0], kinds[0])
+        result[label] = {"seeds": n, "start": sum(starts) / n, "final": sum(ends) / n, "gain_mean": mean,
+                         "gain_se": se, "gain_se_kind": kind,
+                         "final_greedy": sum(_sampled(r["rows"])[-1]["eval/accuracy"] for r, _ in runs) / n,
+                         "final_kl": sum(_sampled(r["rows"])[-1].get("eval/kl", float("nan")) for r, _ in runs) / n}
+    for label, row in result.items():
+        for control in controls:
+            if control == label or control not in finals:
+                continue
+            ref = finals[control][0]  # the controls run one seed
+            diffs = [f["mean"] - ref["mean"] for f in finals[label]]
+            if len(diffs) > 1:
+                se, kind = _across(diffs), "seeds"
+            elif finals[label][0]["rates"] is not None and ref["rates"] is not None:
+                se, kind = paired(ref["rates"], finals[label][0]["rates"])[1], "paired problems"
+            else:
+                se, kind = math.hypot(finals[label][0]["se"], ref["se"]), "unpaired evaluations"
+            row[f"vs_{control}"] = {"diff": sum(diffs) / len(diffs), "se": se, "se_kind": kind}
     return result
+
+
+def _across(values: list[float]) -> float:
+    """Standard error of the mean across seeds."""
+    n, mean = len(values), sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def gains_table(table: dict) -> str:
+    """Markdown: each label's sampled pass@1 gain and its differences from the controls (points)."""
+    def pm(x: dict | None) -> str:
+        return "" if x is None else f"{100 * x['diff']:+.1f} ± {100 * x['se']:.1f} ({x['se_kind']})"
+
+    lines = ["## Sampled pass@1: gains over the start and differences from the controls (points)", "",
+             "| run | seeds | start | final | gain | vs SFT control | vs null control |", "|---|---|---|---|---|---|---|"]
+    for label, r in table.items():
+        gain = {"diff": r["gain_mean"], "se": r["gain_se"], "se_kind": r["gain_se_kind"]}
+        lines.append(f"| {label} | {r['seeds']} | {100 * r['start']:.1f} | {100 * r['final']:.1f} | {pm(gain)} | "
+                     f"{pm(r.get('vs_sft'))} | {pm(r.get('vs_null'))} |")
+    return "\n".join(lines) + "\n"
 
 
 def _plots(run_specs: list[compare.RunSpec], out: Path) -> None:
@@ -232,11 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                        f"{PROMPTS} problems x {G} samples, {cfg.eval_problems} test problems")
     table = gains(run_specs, cfg.out)
     (cfg.out / "summary.json").write_text(json.dumps({"runs": table}, indent=2))
+    text += "\n" + gains_table(table)
+    (cfg.out / "summary.md").write_text(text)
     _plots(run_specs, cfg.out)
     print(text)
-    for label, r in table.items():
-        print(f"[learning] {label:>9}: sampled pass@1 {100 * r['start']:.1f} -> {100 * r['final']:.1f} "
-              f"(gain {100 * r['gain_mean']:+.1f} ± {100 * r['gain_se']:.1f}, {r['seeds']} seed(s))")
     return table
 
 
