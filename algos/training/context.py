@@ -127,10 +127,16 @@ class TrainContext:
     def seed_for(self, iteration: int, purpose: str, per_rank: bool = True) -> int:
         """A distinct, reproducible seed per (run seed, iteration, purpose), and per rank when
         several processes train together and ``per_rank`` (False: the same seed on every rank, e.g.
-        to initialise weights every rank must share)."""
+        to initialise weights every rank must share): `derived_seed`."""
         ranked = per_rank and self.dist.world_size > 1
-        key = [self.seed, iteration, sum(map(ord, purpose))] + ([self.dist.rank] if ranked else [])
-        return int(np.random.SeedSequence(key).generate_state(1)[0])
+        return derived_seed(self.seed, iteration, purpose, self.dist.rank if ranked else None)
+
+
+def derived_seed(seed: int, iteration: int, purpose: str, rank: int | None = None) -> int:
+    """The sampler seed a run with seed ``seed`` uses at ``iteration`` for ``purpose`` ("episodes",
+    "eval", "eval-sampled", ...), on ``rank`` when several processes train (None: one process)."""
+    key = [seed, iteration, sum(map(ord, purpose))] + ([rank] if rank is not None else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 class Algorithm(Protocol):

@@ -4,7 +4,7 @@ problems) and the KL of the policy to the reference on its own samples."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from algos import core
 from algos.actor import batch_logprobs
@@ -89,6 +89,33 @@ def evaluate(env: LanguageEnv, sampler: Sampler, problems: Sequence, samples: in
     """Mean correct fraction over ``samples`` responses to each problem, with its standard error."""
     episodes = evaluation_episodes(env, sampler, problems, samples, temperature, top_p, max_new_tokens, seed)
     return evaluation_metrics(episodes, len(problems), samples)
+
+
+def run_evaluation(env: LanguageEnv, sampler: Sampler, problems: Sequence, iteration: int, seed_for: Callable[[str], int],
+                   *, samples: int, temperature: float, top_p: float, sampled_samples: int, sampled_temperature: float,
+                   sampled_top_p: float, max_new_tokens: int) -> tuple[dict[str, float], list | None, dict[str, Any]]:
+    """One evaluation as the training loop makes it (and `experiments/backfill_evaluations.py` repeats
+    it): ``samples`` responses per problem at ``temperature`` (0: greedy) and, when ``sampled_samples``
+    > 0, that many at ``sampled_temperature`` / ``sampled_top_p``; the sampler seeds are
+    ``seed_for("eval")`` and ``seed_for("eval-sampled")``.
+
+    Returns (metrics: `evaluation_metrics` and `sampled_metrics`; the sampled episodes, None when
+    off; the per-problem record written to ``evaluations.jsonl``: ``iteration``, ``problem_ids``,
+    ``samples``, ``correct`` and, when sampled, ``sampled_samples``, ``sampled_correct``)."""
+    greedy = evaluation_episodes(env, sampler, problems, samples, temperature, top_p, max_new_tokens,
+                                 seed=seed_for("eval"))
+    metrics = evaluation_metrics(greedy, len(problems), samples)
+    record: dict[str, Any] = {"iteration": iteration, "problem_ids": [p.id for p in problems], "samples": samples,
+                              "correct": correct_counts(greedy, len(problems), samples)}
+    episodes = None
+    if sampled_samples:
+        params = SamplingParams(sampled_temperature, sampled_top_p, max_new_tokens, env.task.stop_strings,
+                                sampled_samples)
+        episodes = collect_episodes(env, sampler, problems, params, seed=seed_for("eval-sampled"))
+        metrics.update(sampled_metrics(episodes, problems, sampled_samples))
+        record.update(sampled_samples=sampled_samples,
+                      sampled_correct=correct_counts(episodes, len(problems), sampled_samples))
+    return metrics, episodes, record
 
 
 def kl_to_reference(policy, reference, episodes: Sequence, temperature: float, pad_token_id: int,

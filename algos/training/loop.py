@@ -35,8 +35,7 @@ from algos.models.policy import check_model_source, clone_reference, load_policy
 from algos.models.sharding import full_state_dict, shard_model
 from algos.models.pretrained import gguf_source
 from algos.models.warm_start import load_model
-from algos.rollout import collect_episodes
-from algos.samplers import Sampler, SamplingParams, make_sampler
+from algos.samplers import Sampler, make_sampler
 from algos.training.checkpoint import (
     SHARDED_DIR,
     Checkpoint,
@@ -54,8 +53,7 @@ from algos.training.config import RunConfig
 from algos.training.context import Algorithm, TrainContext
 from algos.training.distributed import Dist
 from algos.training.distributed import current as current_dist
-from algos.training.evaluation import (correct_counts, evaluation_episodes, evaluation_metrics, kl_to_reference,
-                                       sampled_metrics)
+from algos.training.evaluation import kl_to_reference, run_evaluation
 from algos.training.mc_diagnostics import MCDiagnostics
 from algos.training.prompts import PromptSampler, make_prompt_sampler
 from algos.training.run_control import (
@@ -305,22 +303,14 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     sampled_t = cfg.temperature if run.eval_sampled_temperature is None else run.eval_sampled_temperature
     res: dict[str, float] = {}
     record: dict[str, Any] = {}
+    episodes = None
     if r.main:
-        problems = r.eval_problems
-        greedy = evaluation_episodes(r.eval_env, r.sampler, problems, run.eval_samples, run.eval_temperature,
-                                     run.eval_top_p, cfg.max_new_tokens, seed=r.ctx.seed_for(iteration, "eval"))
-        res = evaluation_metrics(greedy, len(problems), run.eval_samples)
-        record = {"iteration": iteration, "problem_ids": [p.id for p in problems], "samples": run.eval_samples,
-                  "correct": correct_counts(greedy, len(problems), run.eval_samples)}
+        res, episodes, record = run_evaluation(
+            r.eval_env, r.sampler, r.eval_problems, iteration, lambda purpose: r.ctx.seed_for(iteration, purpose),
+            samples=run.eval_samples, temperature=run.eval_temperature, top_p=run.eval_top_p,
+            sampled_samples=run.eval_sampled_samples if run.eval_sampled else 0, sampled_temperature=sampled_t,
+            sampled_top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     if run.eval_sampled:
-        episodes = None
-        if r.main:
-            n = run.eval_sampled_samples
-            params = SamplingParams(sampled_t, cfg.top_p, cfg.max_new_tokens, r.task.stop_strings, n)
-            episodes = collect_episodes(r.eval_env, r.sampler, r.eval_problems, params,
-                                        seed=r.ctx.seed_for(iteration, "eval-sampled"))
-            res.update(sampled_metrics(episodes, r.eval_problems, n))
-            record.update(sampled_samples=n, sampled_correct=correct_counts(episodes, len(r.eval_problems), n))
         if r.sharded:
             episodes = r.dist.broadcast_object(episodes)
         kl = kl_to_reference(r.policy, r.reference, episodes, sampled_t, r.ctx.pad_token_id)
