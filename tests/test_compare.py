@@ -178,6 +178,19 @@ def test_learning_benchmark_pairs_one_seed_runs_over_problems(tmp_path):
     assert g["vs_sft"]["se"] == pytest.approx(0.0625)  # sum of squares 3/64, / 3 / 4 = 1/256
     assert "| grpo | 1 | 62.5 | 75.0 | +12.5 ± 7.2 (paired problems) | +6.2 ± 6.2 (paired problems) |" \
         in learning.gains_table(table)
+
+    # a run with only its final record (backfilled) borrows the seed's start record when its logged
+    # start is the same evaluation; one whose logged start differs does not
+    for name, start_acc in (("null-seed0", 0.625), ("rloo-seed0", 0.6)):
+        _fake_sampled_run(tmp_path / name, start_acc, 0.6875)
+        _records(tmp_path / name, start, [0, 3, 4, 4])
+        lines = (tmp_path / name / "evaluations.jsonl").read_text().splitlines()
+        (tmp_path / name / "evaluations.jsonl").write_text(lines[1] + "\n")
+    specs += [compare.RunSpec("null", "grpo", 0), compare.RunSpec("rloo", "rloo", 0)]
+    table = learning.gains(specs, tmp_path)
+    assert table["null"]["gain_se_kind"] == "paired problems"
+    assert table["null"]["gain_se"] == pytest.approx(0.0625)  # per-problem gains 0, 0.25, 0, 0
+    assert table["rloo"]["gain_se_kind"] == "unpaired evaluations"
     with pytest.raises(ValueError, match="same problems"):
         learning.paired([0.0, 1.0], [1.0])
 

@@ -199,23 +199,32 @@ def gains(run_specs: list[compare.RunSpec], out: Path, controls: tuple[str, ...]
     evaluations' own standard errors (an upper bound). ``gain_se_kind`` / ``se_kind`` say which."""
     result: dict[str, dict] = {}
     finals: dict[str, list[dict]] = {}  # label -> per seed {"mean", "se", "rates" or None}
+    # Every run of one seed starts from the same model with the same evaluation seeds, so its start
+    # evaluation is the same one: a run without its own start record borrows another's, if the
+    # logged start accuracies agree exactly.
+    shared_starts: dict[tuple, dict] = {}
+    for spec in run_specs:
+        rec, rows = _records(out / spec.dirname), _sampled(compare.load_rows(out / spec.dirname))
+        if 0 in rec and rows and rows[0]["iteration"] == 0:
+            shared_starts[_start_key(spec.seed, rows[0])] = rec[0]
     for label in dict.fromkeys(s.label for s in run_specs):
-        runs = [(compare.load_run(out / s.dirname), _records(out / s.dirname))
+        runs = [(compare.load_run(out / s.dirname), _records(out / s.dirname), s.seed)
                 for s in run_specs if s.label == label]
-        runs = [(r, rec) for r, rec in runs if r and len(_sampled(r["rows"])) >= 2]
+        runs = [(r, rec, seed) for r, rec, seed in runs if r and len(_sampled(r["rows"])) >= 2]
         if not runs:
             continue
         starts, ends, deltas, kinds, ses = [], [], [], [], []
         finals[label] = []
-        for r, rec in runs:
+        for r, rec, seed in runs:
             e = _sampled(r["rows"])
             s0, s1 = e[0]["eval/accuracy_sampled"], e[-1]["eval/accuracy_sampled"]
             starts.append(s0)
             ends.append(s1)
             deltas.append(s1 - s0)
             last = rec.get(e[-1]["iteration"])
-            if 0 in rec and last is not None:
-                ses.append(paired(_rates(rec[0]), _rates(last))[1])
+            first = rec.get(0) or shared_starts.get(_start_key(seed, e[0]))
+            if first is not None and last is not None:
+                ses.append(paired(_rates(first), _rates(last))[1])
                 kinds.append("paired problems")
             else:
                 ses.append(math.hypot(e[0].get("eval/accuracy_sampled_stderr", float("nan")),
@@ -228,8 +237,8 @@ def gains(run_specs: list[compare.RunSpec], out: Path, controls: tuple[str, ...]
         se, kind = (_across(deltas), "seeds") if n > 1 else (ses[0], kinds[0])
         result[label] = {"seeds": n, "start": sum(starts) / n, "final": sum(ends) / n, "gain_mean": mean,
                          "gain_se": se, "gain_se_kind": kind,
-                         "final_greedy": sum(_sampled(r["rows"])[-1]["eval/accuracy"] for r, _ in runs) / n,
-                         "final_kl": sum(_sampled(r["rows"])[-1].get("eval/kl", float("nan")) for r, _ in runs) / n}
+                         "final_greedy": sum(_sampled(r["rows"])[-1]["eval/accuracy"] for r, _, _ in runs) / n,
+                         "final_kl": sum(_sampled(r["rows"])[-1].get("eval/kl", float("nan")) for r, _, _ in runs) / n}
     for label, row in result.items():
         for control in controls:
             if control == label or control not in finals:
@@ -244,6 +253,11 @@ def gains(run_specs: list[compare.RunSpec], out: Path, controls: tuple[str, ...]
                 se, kind = math.hypot(finals[label][0]["se"], ref["se"]), "unpaired evaluations"
             row[f"vs_{control}"] = {"diff": sum(diffs) / len(diffs), "se": se, "se_kind": kind}
     return result
+
+
+def _start_key(seed: int, row: dict) -> tuple:
+    """What identifies a start evaluation across runs: the seed and the logged start accuracies."""
+    return seed, row.get("eval/accuracy"), row.get("eval/accuracy_sampled"), row.get("eval/accuracy_sampled_stderr")
 
 
 def _across(values: list[float]) -> float:
