@@ -98,7 +98,7 @@ ALGO = {"null": "grpo", "ppo+learnability": "ppo", "vineppo+learnability": "vine
         "grpo+cppo": "grpo", "vineppo-k1": "vineppo", "vineppo-k9": "vineppo", "vineppo-t1.2": "vineppo",
         "ppo-t1.2": "ppo"}  # labels that are not algorithm names
 RESTEM_ROUNDS = 5
-MULTI_SEED = ("vineppo", "ppo", "grpo")
+MULTI_SEED = ("vineppo", "ppo", "grpo", "grpo+dynamic", "vineppo+dynamic", "ppo+dynamic")
 
 #: What was tried (2-core CPU). Earlier design (8 x 8, 10 iterations; 2026-11-22; results in git history):
 #: every method ended below the SFT start on greedy accuracy.
