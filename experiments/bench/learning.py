@@ -184,8 +184,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     if len(a) != len(b) or len(a) < 2:
         raise ValueError(f"paired: need the same problems in both evaluations (got {len(a)} and {len(b)})")
     d = [y - x for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return sum(d) / len(d), _across(d)
 
 
 def gains(run_specs: list[compare.RunSpec], out: Path, controls: tuple[str, ...] = ("sft", "null")) -> dict:
@@ -261,7 +260,7 @@ def _start_key(seed: int, row: dict) -> tuple:
 
 
 def _across(values: list[float]) -> float:
-    """Standard error of the mean across seeds."""
+    """Standard error of the mean of ``values`` (seeds, or per-problem differences)."""
     n, mean = len(values), sum(values) / len(values)
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
