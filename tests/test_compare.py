@@ -147,8 +147,29 @@ def test_learning_benchmark_gains_by_hand(tmp_path):
     assert table["null"]["gain_mean"] == pytest.approx(-0.01)
     assert table["null"]["gain_se"] == pytest.approx((2 * 0.012 ** 2) ** 0.5)
     assert table["null"]["gain_se_kind"] == "unpaired evaluations"
-    assert g["vs_null"]["diff"] == pytest.approx(1.08 / 3 - 0.29) and g["vs_null"]["se_kind"] == "seeds"
+    # three seeds against a one-seed control: the seeds' spread of the finals plus the control's own gain error
+    finals = [0.36, 0.34, 0.38]
+    finals_se = (sum((f - 0.36) ** 2 for f in finals) / 2 / 3) ** 0.5
+    assert g["vs_null"]["diff"] == pytest.approx(1.08 / 3 - 0.29)
+    assert g["vs_null"]["se"] == pytest.approx((finals_se ** 2 + 2 * 0.012 ** 2) ** 0.5)
+    assert g["vs_null"]["se_kind"] == "seeds, one-seed side's own error added"
     assert "ppo" not in table  # nothing finished
+
+    # three seeds against a three-seed control: unpaired, from both sides' seeds
+    for seed, f in enumerate([0.31, 0.33, 0.32]):
+        _fake_sampled_run(tmp_path / f"sft-seed{seed}", 0.30, f)
+    specs += [compare.RunSpec("sft", "sft", s) for s in range(3)]
+    table = learning.gains(specs, tmp_path)
+    sft_se = (sum((f - 0.32) ** 2 for f in [0.31, 0.33, 0.32]) / 2 / 3) ** 0.5
+    assert table["grpo"]["vs_sft"]["diff"] == pytest.approx(0.36 - 0.32)
+    assert table["grpo"]["vs_sft"]["se"] == pytest.approx((finals_se ** 2 + sft_se ** 2) ** 0.5)
+    assert table["grpo"]["vs_sft"]["se_kind"] == "seeds"
+    # one seed against three: the one-seed side's gain error added to the control's spread
+    assert table["null"]["vs_sft"]["diff"] == pytest.approx(0.29 - 0.32)
+    assert table["null"]["vs_sft"]["se"] == pytest.approx((sft_se ** 2 + 2 * 0.012 ** 2) ** 0.5)
+    text = learning.gains_table(table)
+    assert "| run | seeds | start | final | gain | vs sft control | vs null control |" in text
+    assert "vs null+dynamic" not in text  # a control that did not run gets no column
 
 
 def _records(run_dir: Path, start: list[int], final: list[int], samples: int = 4) -> None:
@@ -201,6 +222,9 @@ def test_learning_benchmark_specs_pair_every_run_with_its_controls():
     runs = learning.specs(learning.LearningBench(seeds=[0, 1]))
     labels = [s.dirname for s in runs]
     assert labels.count("grpo-seed1") == 1 and "null-seed0" in labels and "null-seed1" not in labels
+    assert "sft-seed1" in labels  # the fair control runs every seed, like the algorithms it is compared with
+    null_dynamic = next(s for s in runs if s.label == "null+dynamic")
+    assert null_dynamic.algo == "grpo" and {"--permute-advantages", "--dynamic-sampling"} <= set(null_dynamic.flags)
     null = next(s for s in runs if s.label == "null")
     assert null.algo == "grpo" and "--permute-advantages" in null.flags
     sft = next(s for s in runs if s.label == "sft")
@@ -224,7 +248,8 @@ def test_every_learning_benchmark_run_parses_as_a_run_command(tmp_path):
         argv = compare.command(spec, "arithmetic", "tiny", 50, tmp_path)[2:]
         parsed[spec.label] = tyro.cli(run.Command, args=argv, config=(tyro.conf.OmitArgPrefixes,))
     assert set(parsed) == set(learning.SETTINGS)
-    assert [parsed[k].algo.mc_rollouts for k in ("vineppo-k1", "vineppo", "vineppo-k9")] == [1, 4, 9]
-    for label in ("vineppo-t1.2", "ppo-t1.2"):
+    k_rows = ("vineppo+dynamic-k1", "vineppo+dynamic", "vineppo+dynamic-k9")
+    assert [parsed[k].algo.mc_rollouts for k in k_rows] == [1, 4, 9]
+    for label in ("vineppo+dynamic-t1.2", "ppo+dynamic-t1.2"):
         assert parsed[label].algo.sampling.temperature == 1.2 and parsed[label].run.eval_sampled_temperature == 0.6
     assert parsed["vineppo"].run.eval_sampled_temperature is None

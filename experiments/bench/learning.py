@@ -21,8 +21,9 @@ null" is learning, "null minus start" drift. The seeds' other methods each get a
 ``vc-ppo`` (value pretraining, decoupled GAE), ``ppo+learnability`` and ``vineppo+learnability`` (the
 paper's comparison), ``grpo+dynamic``, ``vineppo+dynamic`` and ``ppo+dynamic`` (DAPO dynamic sampling: only
 groups with mixed rewards are trained on) and ``grpo+cppo`` (completion pruning). The
-VinePPO paper's ablations: ``vineppo-k1`` and ``vineppo-k9`` (K = 1 and 9 Monte-Carlo rollouts; ``vineppo`` is
-K = 4) and ``vineppo-t1.2`` / ``ppo-t1.2`` (trained at T = 1.2, §8.4; their sampled evaluation stays at 0.6).
+VinePPO paper's ablations, on the dynamic-sampling rows (the ones that learn here): ``vineppo+dynamic-k1`` and
+``vineppo+dynamic-k9`` (K = 1 and 9 Monte-Carlo rollouts; ``vineppo+dynamic`` is K = 4) and
+``vineppo+dynamic-t1.2`` / ``ppo+dynamic-t1.2`` (trained at T = 1.2, §8.4; their sampled evaluation stays at 0.6).
 
 Primary metric: pass@1 at the training temperature (T 0.6, top-p 0.9) with ``EVAL_SAMPLES`` samples on
 the first ``--eval-problems`` (1,000) test problems, the same problems for every run (paired);
@@ -74,6 +75,8 @@ SETTINGS: dict[str, str] = {
     "sft": f"--samples-per-prompt {G} --minibatch-size {MINIBATCH} --micro-batch-size 32 --epochs 2 "
            f"--learning-rate {LR} --warmup-ratio 0.1",
     "null": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --permute-advantages",
+    # the null control of the dynamic-sampling rows: their larger updates (every group mixed) without the signal
+    "null+dynamic": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --permute-advantages --dynamic-sampling 3",
     # the seeds' other methods (issue 13): each against its base row above
     "vc-ppo": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3 --lam 0.95 --lam-critic 1.0 "
               "--value-pretrain-steps 64",
@@ -84,21 +87,22 @@ SETTINGS: dict[str, str] = {
     "vineppo+dynamic": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 4 --kl-coef 1e-3 --dynamic-sampling 3",
     "ppo+dynamic": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3 --dynamic-sampling 3",
     "grpo+cppo": f"{_PPO_FAMILY} --epochs 2 --kl-coef 1e-3 --prune-keep 4",
-    # issue 11 §3: the K ablation (K = 4 is the vineppo row) and the paper's §8.4 temperature tolerance check
-    # (trained at T = 1.2, evaluated at 0.6 like every other row)
-    "vineppo-k1": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 1 --kl-coef 1e-3",
-    "vineppo-k9": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 9 --kl-coef 1e-3",
-    "vineppo-t1.2": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 4 --kl-coef 1e-3 --temperature 1.2 "
-                    "--eval-sampled-temperature 0.6",
-    "ppo-t1.2": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3 --temperature 1.2 "
-                "--eval-sampled-temperature 0.6",
+    # issue 11 §3: the K ablation (K = 4 is the vineppo+dynamic row) and the paper's §8.4 temperature tolerance
+    # check (trained at T = 1.2, evaluated at 0.6 like every other row). They sit on the dynamic-sampling rows
+    # because those are the ones that learn here: plain VinePPO, PPO and GRPO each gained about one point.
+    "vineppo+dynamic-k1": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 1 --kl-coef 1e-3 --dynamic-sampling 3",
+    "vineppo+dynamic-k9": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 9 --kl-coef 1e-3 --dynamic-sampling 3",
+    "vineppo+dynamic-t1.2": f"{_PPO_FAMILY} --epochs 2 --mc-rollouts 4 --kl-coef 1e-3 --dynamic-sampling 3 "
+                            "--temperature 1.2 --eval-sampled-temperature 0.6",
+    "ppo+dynamic-t1.2": f"{_PPO_FAMILY} --epochs 2 --critic-learning-rate 1e-4 --kl-coef 1e-3 --dynamic-sampling 3 "
+                        "--temperature 1.2 --eval-sampled-temperature 0.6",
 }
-ALGO = {"null": "grpo", "ppo+learnability": "ppo", "vineppo+learnability": "vineppo", "grpo+dynamic": "grpo",
+ALGO = {"null": "grpo", "null+dynamic": "grpo", "ppo+learnability": "ppo", "vineppo+learnability": "vineppo", "grpo+dynamic": "grpo",
         "vineppo+dynamic": "vineppo", "ppo+dynamic": "ppo",
-        "grpo+cppo": "grpo", "vineppo-k1": "vineppo", "vineppo-k9": "vineppo", "vineppo-t1.2": "vineppo",
-        "ppo-t1.2": "ppo"}  # labels that are not algorithm names
+        "grpo+cppo": "grpo", "vineppo+dynamic-k1": "vineppo", "vineppo+dynamic-k9": "vineppo",
+        "vineppo+dynamic-t1.2": "vineppo", "ppo+dynamic-t1.2": "ppo"}  # labels that are not algorithm names
 RESTEM_ROUNDS = 5
-MULTI_SEED = ("vineppo", "ppo", "grpo", "grpo+dynamic", "vineppo+dynamic", "ppo+dynamic")
+MULTI_SEED = ("vineppo", "ppo", "grpo", "grpo+dynamic", "vineppo+dynamic", "ppo+dynamic", "sft")
 
 #: What was tried (2-core CPU). Earlier design (8 x 8, 10 iterations; 2026-11-22; results in git history):
 #: every method ended below the SFT start on greedy accuracy.
@@ -187,12 +191,13 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return sum(d) / len(d), _across(d)
 
 
-def gains(run_specs: list[compare.RunSpec], out: Path, controls: tuple[str, ...] = ("sft", "null")) -> dict:
+def gains(run_specs: list[compare.RunSpec], out: Path,
+          controls: tuple[str, ...] = ("sft", "null", "null+dynamic")) -> dict:
     """Per label: seeds finished, mean start and final sampled pass@1 (fractions), the gain's mean and
-    standard error, and the difference of the final pass@1 from each control's (``vs_sft``,
-    ``vs_null``: {"diff", "se", "se_kind"}).
+    standard error, and the difference of the final pass@1 from each finished control's (``vs_sft``,
+    ``vs_null``, ``vs_null+dynamic``: {"diff", "se", "se_kind"}; see ``_difference``).
 
-    Standard errors: across seeds when there are ≥ 2 (what the issue's "mean − 2 SE > 0" reads);
+    Gain standard errors: across seeds when there are ≥ 2 (what the issue's "mean − 2 SE > 0" reads);
     with one seed, paired over the test problems when both evaluations left per-problem records
     (``evaluations.jsonl``: every run evaluates the same problems), else unpaired from the two
     evaluations' own standard errors (an upper bound). ``gain_se_kind`` / ``se_kind`` say which."""
@@ -242,16 +247,28 @@ def gains(run_specs: list[compare.RunSpec], out: Path, controls: tuple[str, ...]
         for control in controls:
             if control == label or control not in finals:
                 continue
-            ref = finals[control][0]  # the controls run one seed
-            diffs = [f["mean"] - ref["mean"] for f in finals[label]]
-            if len(diffs) > 1:
-                se, kind = _across(diffs), "seeds"
-            elif finals[label][0]["rates"] is not None and ref["rates"] is not None:
-                se, kind = paired(ref["rates"], finals[label][0]["rates"])[1], "paired problems"
-            else:
-                se, kind = math.hypot(finals[label][0]["se"], ref["se"]), "unpaired evaluations"
-            row[f"vs_{control}"] = {"diff": sum(diffs) / len(diffs), "se": se, "se_kind": kind}
+            row[f"vs_{control}"] = _difference(finals[label], finals[control], row, result[control])
     return result
+
+
+def _difference(runs: list[dict], control: list[dict], row: dict, control_row: dict) -> dict:
+    """Final sampled pass@1 of ``runs`` minus ``control``'s (per seed {"mean", "se", "rates"}) and its
+    standard error: from the seeds of both sides where each has ≥ 2 (unpaired); a side with one seed
+    adds its own gain's standard error (``row`` / ``control_row["gain_se"]``) in quadrature, since
+    its seed-to-seed spread is unknown; both with one seed: paired over the test problems when both
+    left per-problem records, else unpaired from the two evaluations' errors."""
+    diff = sum(f["mean"] for f in runs) / len(runs) - sum(f["mean"] for f in control) / len(control)
+    if len(runs) == 1 and len(control) == 1:
+        a, b = control[0], runs[0]
+        if a["rates"] is not None and b["rates"] is not None:
+            return {"diff": diff, "se": paired(a["rates"], b["rates"])[1], "se_kind": "paired problems"}
+        return {"diff": diff, "se": math.hypot(a["se"], b["se"]), "se_kind": "unpaired evaluations"}
+    if len(control) > 1 and len(runs) > 1:
+        return {"diff": diff, "se": math.hypot(_across([f["mean"] for f in runs]), _across([f["mean"] for f in control])),
+                "se_kind": "seeds"}
+    many, one_se = (runs, control_row["gain_se"]) if len(runs) > 1 else (control, row["gain_se"])
+    return {"diff": diff, "se": math.hypot(_across([f["mean"] for f in many]), one_se),
+            "se_kind": "seeds, one-seed side's own error added"}
 
 
 def _start_key(seed: int, row: dict) -> tuple:
@@ -270,12 +287,14 @@ def gains_table(table: dict) -> str:
     def pm(x: dict | None) -> str:
         return "" if x is None else f"{100 * x['diff']:+.1f} ± {100 * x['se']:.1f} ({x['se_kind']})"
 
+    controls = [c for c in ("sft", "null", "null+dynamic") if any(f"vs_{c}" in r for r in table.values())]
+    head = "| run | seeds | start | final | gain | " + "".join(f"vs {c} control | " for c in controls)
     lines = ["## Sampled pass@1: gains over the start and differences from the controls (points)", "",
-             "| run | seeds | start | final | gain | vs SFT control | vs null control |", "|---|---|---|---|---|---|---|"]
+             head.rstrip(), "|---" * (5 + len(controls)) + "|"]
     for label, r in table.items():
         gain = {"diff": r["gain_mean"], "se": r["gain_se"], "se_kind": r["gain_se_kind"]}
         lines.append(f"| {label} | {r['seeds']} | {100 * r['start']:.1f} | {100 * r['final']:.1f} | {pm(gain)} | "
-                     f"{pm(r.get('vs_sft'))} | {pm(r.get('vs_null'))} |")
+                     + "".join(f"{pm(r.get(f'vs_{c}'))} | " for c in controls).rstrip())
     return "\n".join(lines) + "\n"
 
 
