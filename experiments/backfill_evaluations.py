@@ -28,8 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-EVALUATIONS = "evaluations.jsonl"
-
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
@@ -64,12 +62,14 @@ def backfill(run_dir: Path, iterations: list[int] | None = None) -> dict[int, st
     """
     import torch
 
+    from algos.config import SamplingConfig
     from algos.models.policy import load_policy
     from algos.models.warm_start import load_model
     from algos.samplers import make_sampler
+    from algos.training.config import RunConfig
     from algos.training.context import derived_seed
-    from algos.training.evaluation import run_evaluation
-    from langenv.env import LanguageEnv
+    from algos.training.evaluation import evaluation_settings, run_evaluation, test_environment
+    from algos.training.run_control import EVALUATIONS
     from langenv.tasks.base import make_task
 
     for name in ("config.json", "metrics.jsonl"):
@@ -77,10 +77,13 @@ def backfill(run_dir: Path, iterations: list[int] | None = None) -> dict[int, st
             raise FileNotFoundError(f"{run_dir / name} not found: not a run directory")
     config = json.loads((run_dir / "config.json").read_text())
     try:
-        run, sampling = config["run"], config["algo"]["sampling"]
+        run = RunConfig.from_dump(config["run"], source=f"{run_dir / 'config.json'}: run")
+        sampling = SamplingConfig(**config["algo"]["sampling"])
     except KeyError as exc:
         raise ValueError(f"{run_dir / 'config.json'}: no {exc} field") from exc
-    if run.get("sharding", "none") != "none":
+    except TypeError as exc:
+        raise ValueError(f"{run_dir / 'config.json'}: {exc}") from exc
+    if run.sharding != "none":
         raise ValueError(f"{run_dir}: a sharded run; its evaluations are not backfilled here")
     logged = {r["iteration"]: r for r in _read_jsonl(run_dir / "metrics.jsonl") if "eval/accuracy" in r}
     path = run_dir / EVALUATIONS
@@ -98,19 +101,18 @@ def backfill(run_dir: Path, iterations: list[int] | None = None) -> dict[int, st
     if not todo:
         return status
 
-    task = make_task(run["task"])
-    threads = run.get("threads") or (1 if run["model"] == "tiny" and run["device"] == "cpu" else None)
+    task = make_task(run.task)
+    threads = run.torch_threads()  # the loop's thread count: the sampler's arithmetic must match it exactly
     if threads:
         torch.set_num_threads(threads)
-    policy, tokenizer = load_model(run["model"], task, Path(run["cache_dir"]), run["device"],
-                                   gguf_file=run.get("gguf_file"), chat_template=run.get("chat_template", True))
+    policy, tokenizer = load_model(run.model, task, run.cache_dir, run.device, gguf_file=run.gguf_file,
+                                   chat_template=run.chat_template)
     start_state = {k: v.clone() for k, v in policy.state_dict().items()}
     context = getattr(policy.config, "max_position_embeddings", None)
-    env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=sampling["max_new_tokens"], max_context=context)
-    problems = env.problems[: run["eval_problems"] or None]
-    sampler = make_sampler(run["sampler"], policy, tokenizer, max_batch_size=run["sampler_batch_size"],
+    env, problems = test_environment(task, tokenizer, run, sampling.max_new_tokens, context)
+    sampler = make_sampler(run.sampler, policy, tokenizer, max_batch_size=run.sampler_batch_size,
                            max_context=context, workdir=run_dir / "vllm")
-    sampled_t = sampling["temperature"] if run.get("eval_sampled_temperature") is None else run["eval_sampled_temperature"]
+    settings = evaluation_settings(run, sampling)
     last = max(logged)
     for it in todo:
         try:
@@ -122,11 +124,8 @@ def backfill(run_dir: Path, iterations: list[int] | None = None) -> dict[int, st
         policy.load_state_dict(state)
         sampler.update_weights(policy)
         t = time.perf_counter()
-        metrics, _, record = run_evaluation(
-            env, sampler, problems, it, lambda purpose: derived_seed(run["seed"], it, purpose),
-            samples=run["eval_samples"], temperature=run["eval_temperature"], top_p=run["eval_top_p"],
-            sampled_samples=run["eval_sampled_samples"] if run["eval_sampled"] else 0, sampled_temperature=sampled_t,
-            sampled_top_p=sampling["top_p"], max_new_tokens=sampling["max_new_tokens"])
+        metrics, _, record = run_evaluation(env, sampler, problems, it,
+                                            lambda purpose: derived_seed(run.seed, it, purpose), **settings)
         keys = [k for k in ("eval/accuracy", "eval/accuracy_sampled") if k in logged[it]]
         differ = [f"{k} {metrics.get(k)} != logged {logged[it][k]}" for k in keys if metrics.get(k) != logged[it][k]]
         if differ:

@@ -63,3 +63,29 @@ def test_missing_model_and_bad_input_are_reported(run_dir, tmp_path, capsys):
     assert "no model for iteration 1" in status[1] and not (copy / "evaluations.jsonl").exists()
     assert backfill_evaluations.main([str(tmp_path / "nowhere")]) == 2
     assert "nowhere/config.json not found" in capsys.readouterr().err
+
+
+def test_run_settings_load_back_from_config_json(run_dir):
+    """The settings a run wrote load back as the same RunConfig (paths as Path), so the backfill (and
+    anything else reading a run) applies the loop's own rules to them: its thread count and its
+    evaluation settings."""
+    from algos.config import SamplingConfig
+    from algos.training.config import RunConfig
+    from algos.training.evaluation import evaluation_settings
+
+    config = json.loads((run_dir / "config.json").read_text())
+    run = RunConfig.from_dump(config["run"])
+    assert isinstance(run.cache_dir, Path) and isinstance(run.out, Path)
+    assert run.out.name == run_dir.name and run.seed == config["run"]["seed"]
+    assert run.torch_threads() is None  # a model directory: torch's default
+    assert RunConfig.from_dump({**config["run"], "model": "tiny"}).torch_threads() == 1  # the tiny model on CPU
+    assert RunConfig.from_dump({**config["run"], "threads": 2}).torch_threads() == 2
+    settings = evaluation_settings(run, SamplingConfig(**config["algo"]["sampling"]))
+    assert settings["sampled_temperature"] == config["algo"]["sampling"]["temperature"]
+    assert settings["samples"] == config["run"]["eval_samples"]
+    # an older run's extra key is ignored; a bad value is named with its source
+    assert RunConfig.from_dump({**config["run"], "a_removed_setting": 1}).seed == run.seed
+    with pytest.raises(ValueError, match=r"config.json.*eval_top_p"):
+        RunConfig.from_dump({**config["run"], "eval_top_p": 1.5})
+    with pytest.raises(TypeError, match="JSON object"):
+        RunConfig.from_dump([1, 2])

@@ -537,12 +537,12 @@ def old_run(tmp_path):
 
 
 def _no_model_loading(monkeypatch):
-    import algos.training.loop
+    import algos.training.setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(algos.training.loop, "load_model", refuse)
+    monkeypatch.setattr(algos.training.setup, "load_model", refuse)
 
 
 @pytest.mark.parametrize("entry", ["cli", "train"])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,3 +167,33 @@ class RunConfig:
         if self.resume is not None and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: resume continues the run, overwrite "
                              "deletes it")
+
+    def torch_threads(self) -> int | None:
+        """torch CPU threads of the RL loop: ``threads``, else 1 for the tiny model on CPU, else None
+        (torch's default)."""
+        return self.threads or (1 if self.model == "tiny" and self.device == "cpu" else None)
+
+    @classmethod
+    def from_dump(cls, dump: dict, source: str = "config.json") -> RunConfig:
+        """The settings a run wrote under ``"run"`` in its ``config.json``, as a `RunConfig` (paths as
+        `Path`). Keys this version does not know are ignored and missing ones take their defaults, so a
+        run made by an older version loads.
+
+        Raises:
+            TypeError: ``dump`` is not a mapping.
+            ValueError: a value fails the checks (the message names ``source`` and the field).
+        """
+        if not isinstance(dump, dict):
+            raise TypeError(f"{source}: 'run' must be a JSON object, got {type(dump).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in dump.items():
+            if key not in known:
+                continue
+            if value is not None and "Path" in str(known[key].type):
+                value = Path(value)
+            values[key] = value
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:  # check_types raises TypeError for a wrong type
+            raise ValueError(f"{source}: {exc}") from exc

@@ -4,7 +4,7 @@ problems) and the KL of the policy to the reference on its own samples."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from algos import core
 from algos.actor import batch_logprobs
@@ -12,6 +12,11 @@ from algos.models.policy import batch_sequences
 from algos.rollout import collect_episodes
 from algos.samplers import Sampler, SamplingParams
 from langenv.env import LanguageEnv
+
+if TYPE_CHECKING:
+    from algos.config import SamplingConfig
+    from algos.training.config import RunConfig
+    from langenv.tasks.base import Task
 
 
 def accuracy_metrics(episodes: Sequence, problems: int, samples: int, prefix: str = "eval/accuracy") -> dict[str, float]:
@@ -116,6 +121,24 @@ def run_evaluation(env: LanguageEnv, sampler: Sampler, problems: Sequence, itera
         record.update(sampled_samples=sampled_samples,
                       sampled_correct=correct_counts(episodes, len(problems), sampled_samples))
     return metrics, episodes, record
+
+
+def test_environment(task: Task, tokenizer, run: RunConfig, max_new_tokens: int,
+                     max_context: int | None) -> tuple[LanguageEnv, Sequence]:
+    """The test-split environment of a run and the problems it evaluates (the first ``run.eval_problems``,
+    all at 0)."""
+    env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new_tokens, max_context=max_context)
+    return env, env.problems[: run.eval_problems or None]
+
+
+def evaluation_settings(run: RunConfig, sampling: SamplingConfig) -> dict[str, Any]:
+    """`run_evaluation`'s keyword arguments for a run: greedy (``eval_temperature``) responses, and with
+    ``eval_sampled`` samples at the training temperature (or ``eval_sampled_temperature``) and top-p."""
+    sampled_t = sampling.temperature if run.eval_sampled_temperature is None else run.eval_sampled_temperature
+    return {"samples": run.eval_samples, "temperature": run.eval_temperature, "top_p": run.eval_top_p,
+            "sampled_samples": run.eval_sampled_samples if run.eval_sampled else 0,
+            "sampled_temperature": sampled_t, "sampled_top_p": sampling.top_p,
+            "max_new_tokens": sampling.max_new_tokens}
 
 
 def kl_to_reference(policy, reference, episodes: Sequence, temperature: float, pad_token_id: int,

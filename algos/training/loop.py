@@ -3,7 +3,7 @@
 
 `train` reads in four phases, in the order they run:
 
-1. `_build`: the run directory, the policy / reference / tokenizer (`algos.models`), the train and
+1. `algos.training.setup.build_run`: the run directory, the policy / reference / tokenizer (`algos.models`), the train and
    test environments, the grading canary, the sampler, the algorithm (the contract is
    `algos.training.context`) and the prompt sampler (`algos.training.prompts`);
 2. `_restore`: a fresh run's state, or everything a checkpoint holds (`--resume`);
@@ -16,105 +16,44 @@ the non-finite guard in `algos.training.run_control`.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from algos.models.policy import check_model_source, clone_reference, load_policy
-from algos.models.sharding import full_state_dict, shard_model
-from algos.models.pretrained import gguf_source
-from algos.models.warm_start import load_model
-from algos.samplers import Sampler, make_sampler
+from algos.models.policy import load_policy
+from algos.models.sharding import full_state_dict
 from algos.training.checkpoint import (
     SHARDED_DIR,
     Checkpoint,
     CheckpointError,
     checkpoint_name,
-    load_checkpoint,
     load_sharded,
     rng_state,
     save_checkpoint,
     save_sharded,
     set_rng_state,
-    state_fingerprint,
 )
 from algos.training.config import RunConfig
-from algos.training.context import Algorithm, TrainContext
-from algos.training.distributed import Dist
-from algos.training.distributed import current as current_dist
-from algos.training.evaluation import kl_to_reference, run_evaluation
-from algos.training.mc_diagnostics import MCDiagnostics
-from algos.training.prompts import PromptSampler, make_prompt_sampler
+from algos.training.context import Algorithm
+from algos.training.evaluation import evaluation_settings, kl_to_reference, run_evaluation
 from algos.training.run_control import (
     EVALUATIONS,
-    RESUMABLE_CHANGES,
     NonFiniteUpdatesError,
     StopRequests,
     TrainingInterrupted,
     combine_ranks,
-    config_differences,
     nonfinite_streak,
-    on_main_first,
-    prepare_out,
     read_metrics,
-    seed_everything,
-    start_out,
 )
-from langenv.env import LanguageEnv
-from langenv.tasks.base import Task, make_task
-
-
-@dataclass
-class _Run:
-    """Everything `_build` makes, read by the later phases."""
-
-    run: RunConfig
-    algo_name: str
-    algo_config: Any
-    out: Path
-    dist: Dist
-    config_dump: dict
-    resume: Checkpoint | None
-    task: Task
-    policy: Any
-    reference: Any
-    tokenizer: Any
-    env: LanguageEnv
-    train_problems: Sequence
-    eval_env: LanguageEnv
-    eval_problems: Sequence
-    sampler: Sampler
-    ctx: TrainContext
-    algorithm: Algorithm
-    prompts: PromptSampler
-    diagnostics: MCDiagnostics | None = None
-    reference_fingerprint: str = ""
-    """`state_fingerprint` of the reference as loaded (before any sharding)."""
-    full_policy: Any = None
-    """With ``--sharding fsdp``: the sampler's own unsharded copy of the policy (in sync after every
-    update; bf16 with ``--fsdp-bf16``); None otherwise (or with vLLM)."""
-    wandb_run: Any = None
-    start: float = 0.0
-    """`time.perf_counter()` at the (virtual) start of the run: a resumed run counts its earlier time."""
-
-    @property
-    def main(self) -> bool:
-        return self.dist.is_main
-
-    @property
-    def sharded(self) -> bool:
-        return self.run.sharding != "none"
+from algos.training.setup import BuiltRun, build_run
 
 
 def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> dict[str, Any]:
@@ -140,120 +79,17 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
         RuntimeError: the grading canary failed (`langenv.canary.check_canary`).
         TrainingInterrupted: SIGTERM/SIGINT; a checkpoint was written first.
     """
-    r = _build(run, algo_name, algo_config, build)
+    r = build_run(run, algo_name, algo_config, build)
     state = _restore(r)
     _loop(r, state)
     return _finish(r, state)
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. build
+# 1. restore (building is `algos.training.setup.build_run`)
 
 
-def _build(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[..., Algorithm]) -> _Run:
-    """Check the settings, prepare the run directory, load the models, make the environments, the
-    sampler and the algorithm. Nothing is written before every check has passed."""
-    task = make_task(run.task)
-    if run.model != "tiny" and gguf_source(run.model, run.gguf_file) is None:  # a GGUF model is checked there
-        check_model_source(run.model)
-    dist = current_dist()
-    if dist.world_size == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        print("[langenv] note: running as one process. `accelerate launch --cpu` starts several processes only "
-              "through MPI; on a CPU use `accelerate launch --multi_gpu --num_processes N` or `torchrun "
-              "--nproc_per_node N` (gloo is picked automatically without CUDA)", file=sys.stderr)
-    if dist.world_size > 1 and not getattr(build, "supports_distributed", False):  # `build` is the class
-        raise ValueError(f"algo:{algo_name} does not support multi-process training (world size {dist.world_size}); "
-                         f"run it in one process, or use vineppo, ppo, grpo or rloo")
-    if run.dynamic_sampling and not getattr(build, "supports_dynamic_sampling", False):
-        raise ValueError(f"--dynamic-sampling: algo:{algo_name} does not collect groups through the dynamic sampler; "
-                         f"use vineppo, ppo, grpo or rloo")
-    if run.sharding != "none":
-        if not (getattr(build, "supports_distributed", False) and hasattr(build, "trainables")):
-            raise ValueError(f"--sharding {run.sharding}: algo:{algo_name} does not support sharded training; "
-                             f"use --sharding none, or vineppo, ppo, grpo, rloo or reinforce")
-        if dist.world_size == 1:
-            raise ValueError(f"--sharding {run.sharding} needs several processes (world size 1: there is nothing to "
-                             f"shard over); launch with `torchrun --nproc_per_node N` or `accelerate launch "
-                             f"--num_processes N`, or use --sharding none")
-    if dist.world_size > 1 and run.device == "cuda":  # one GPU per process
-        run = dataclasses.replace(run, device=f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}")
-    out = on_main_first(dist, lambda: prepare_out(run, algo_name), share=True)
-    config_dump = {"algorithm": algo_name, "run": _jsonable(run), "algo": _jsonable(algo_config)}
-    resume = load_checkpoint(out) if run.resume is not None else None
-    if resume is not None and dist.is_main:
-        _warn_changed_settings(out, algo_name, config_dump)
-    seed_everything(run.seed)
-
-    policy, tokenizer = on_main_first(dist, lambda: load_model(run.model, task, run.cache_dir, run.device,
-                                                                        run.rebuild_warm_start and resume is None,
-                                                                        gguf_file=run.gguf_file,
-                                                                        chat_template=run.chat_template))
-    threads = run.threads or (1 if run.model == "tiny" and run.device == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    policy.eval()
-    reference = clone_reference(policy)
-    reference_fingerprint = state_fingerprint(reference)
-    max_new = algo_config.sampling.max_new_tokens
-    context = getattr(policy.config, "max_position_embeddings", None)
-    env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
-    eval_env = LanguageEnv(task, tokenizer, split="test", max_new_tokens=max_new, max_context=context)
-    train_problems = env.problems[: run.train_problems or None]
-    eval_problems = eval_env.problems[: run.eval_problems or None]
-    env.check_prompt_lengths()
-    eval_env.check_prompt_lengths(eval_problems)
-    if dist.is_main:
-        if resume is None:
-            start_out(out)
-        (out / "config.json").write_text(json.dumps(config_dump, indent=2))
-    if run.canary_problems:
-        from langenv.canary import check_canary
-
-        check_canary(env, count=run.canary_problems)
-    full_policy = None
-    if run.sharding != "none" and run.sampler != "vllm":  # the sampler's own unsharded copy (one per process)
-        full_policy = copy.deepcopy(policy)
-        if run.fsdp_bf16:  # it samples in bf16, as the update computes
-            full_policy.to(torch.bfloat16)
-    sampler = make_sampler(run.sampler, full_policy if full_policy is not None else policy, tokenizer,
-                           max_batch_size=run.sampler_batch_size, max_context=context, workdir=out / "vllm")
-    if run.sharding == "fsdp":  # in place; π_old, π_ref and the update all run through these sharded modules
-        if run.fsdp_bf16:
-            policy.float()  # fp32 master weights (and AdamW states); FSDP computes in bf16
-        shard_model(policy, bf16=run.fsdp_bf16)
-        shard_model(reference, bf16=run.fsdp_bf16)
-    ctx = TrainContext(task, env, sampler, policy, reference, tokenizer, run.seed, dist=dist, cache_dir=run.cache_dir,
-                       train_problems=train_problems, dynamic_sampling_rounds=run.dynamic_sampling,
-                       sharding=run.sharding, sharding_bf16=run.fsdp_bf16)
-    ctx.generator.manual_seed(run.seed)
-    algorithm = build(algo_config, ctx, run.iterations)
-    prompts = make_prompt_sampler(run.prompt_sampler, ctx, algo_config.sampling, run.learnability_pool_factor,
-                                  run.learnability_attempts)
-    diagnostics = None
-    if run.mc_diagnostics_every:
-        diagnostics = MCDiagnostics(ctx, algo_config.sampling, run.mc_diagnostics_every, run.mc_diagnostics_states,
-                                    run.mc_diagnostics_k)
-        ctx.advantage_observers.append(diagnostics.observe)
-    return _Run(run, algo_name, algo_config, out, dist, config_dump, resume, task, policy, reference, tokenizer,
-                env, train_problems, eval_env, eval_problems, sampler, ctx, algorithm, prompts, diagnostics,
-                reference_fingerprint=reference_fingerprint, full_policy=full_policy)
-
-
-def _warn_changed_settings(out: Path, algo_name: str, config_dump: dict) -> None:
-    saved = json.loads((out / "config.json").read_text())
-    if saved.get("algorithm") != algo_name:
-        raise ValueError(f"--resume {out}: the run was {saved.get('algorithm')!r}, not {algo_name!r}")
-    changed = [d for d in config_differences(saved, config_dump) if d.split(":")[0] not in RESUMABLE_CHANGES]
-    if changed:
-        print(f"[langenv] warning: resuming {out} with changed settings (the continuation is not exact): "
-              + "; ".join(changed), file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------------
-# 2. restore
-
-
-def _restore(r: _Run) -> dict[str, Any]:
+def _restore(r: BuiltRun) -> dict[str, Any]:
     """The state carried across iterations (what a checkpoint holds besides the models and
     optimisers): fresh, or loaded from ``r.resume`` with the policy, the algorithm's state, the
     metrics file and the RNG states put back."""
@@ -288,10 +124,10 @@ def _restore(r: _Run) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. loop
+# 2. loop
 
 
-def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
+def _evaluate(r: BuiltRun, iteration: int) -> dict[str, float]:
     """Greedy (or ``eval_temperature``) accuracy on the test problems, and with ``eval_sampled``
     the accuracy of samples at the training temperature (or ``eval_sampled_temperature``) and the KL
     to the reference on those samples at that temperature. Rank 0 evaluates; the other ranks return ``{}`` at once, except in a sharded
@@ -300,20 +136,17 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     if not (r.main or r.sharded):
         return {}
     t = time.perf_counter()
-    sampled_t = cfg.temperature if run.eval_sampled_temperature is None else run.eval_sampled_temperature
+    settings = evaluation_settings(run, cfg)
     res: dict[str, float] = {}
     record: dict[str, Any] = {}
     episodes = None
     if r.main:
-        res, episodes, record = run_evaluation(
-            r.eval_env, r.sampler, r.eval_problems, iteration, lambda purpose: r.ctx.seed_for(iteration, purpose),
-            samples=run.eval_samples, temperature=run.eval_temperature, top_p=run.eval_top_p,
-            sampled_samples=run.eval_sampled_samples if run.eval_sampled else 0, sampled_temperature=sampled_t,
-            sampled_top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+        res, episodes, record = run_evaluation(r.eval_env, r.sampler, r.eval_problems, iteration,
+                                               lambda purpose: r.ctx.seed_for(iteration, purpose), **settings)
     if run.eval_sampled:
         if r.sharded:
             episodes = r.dist.broadcast_object(episodes)
-        kl = kl_to_reference(r.policy, r.reference, episodes, sampled_t, r.ctx.pad_token_id)
+        kl = kl_to_reference(r.policy, r.reference, episodes, settings["sampled_temperature"], r.ctx.pad_token_id)
         if r.main:
             res["eval/kl"] = kl
     if not r.main:
@@ -324,7 +157,7 @@ def _evaluate(r: _Run, iteration: int) -> dict[str, float]:
     return res
 
 
-def _checkpoint(r: _Run, state: dict[str, Any], done: int) -> Checkpoint | None:
+def _checkpoint(r: BuiltRun, state: dict[str, Any], done: int) -> Checkpoint | None:
     """Rank 0 writes the checkpoint (`save_checkpoint`); in a sharded run every rank first writes
     its shards into a staging directory (`save_sharded`), which rank 0 moves into the checkpoint as
     ``sharded/`` before renaming it into place. Returns the checkpoint on rank 0, None elsewhere."""
@@ -359,7 +192,7 @@ def _checkpoint(r: _Run, state: dict[str, Any], done: int) -> Checkpoint | None:
     return ckpt
 
 
-def _loop(r: _Run, state: dict[str, Any]) -> None:
+def _loop(r: BuiltRun, state: dict[str, Any]) -> None:
     """Iterations ``state["iteration"]`` .. min(--iterations, + --stop-after): each selects its
     prompts, runs the algorithm on this process's shard, combines the ranks' metrics, evaluates when
     due, logs a row, and checkpoints when due or asked to stop."""
@@ -415,7 +248,7 @@ def _loop(r: _Run, state: dict[str, Any]) -> None:
                 _interrupted(r, stop.signum, done, ckpt)
 
 
-def _interrupted(r: _Run, signum: int, done: int, ckpt: Checkpoint | None) -> None:
+def _interrupted(r: BuiltRun, signum: int, done: int, ckpt: Checkpoint | None) -> None:
     """SIGTERM/SIGINT after iteration ``done``: say how to resume, close wandb, exit 128 + signum."""
     if r.main:
         print(f"[langenv] stopped by {signal.Signals(signum).name} after iteration {done}; checkpoint {ckpt.path}; "
@@ -426,10 +259,10 @@ def _interrupted(r: _Run, signum: int, done: int, ckpt: Checkpoint | None) -> No
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. finish
+# 3. finish
 
 
-def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
+def _finish(r: BuiltRun, state: dict[str, Any]) -> dict[str, Any]:
     """Save ``final/`` and ``summary.json`` (rank 0, when all iterations are done) and return the
     summary; a run stopped by --stop-after returns ``finished: False``."""
     run = r.run
@@ -472,13 +305,13 @@ def _finish(r: _Run, state: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _policy_copy_saves(r: _Run) -> bool:
+def _policy_copy_saves(r: BuiltRun) -> bool:
     """Whether the sampler's unsharded copy can be written as the policy: it exists and holds the
     policy's dtype (with ``--fsdp-bf16`` it is bf16 while the master weights are fp32)."""
     return r.full_policy is not None and r.full_policy.dtype == r.policy.dtype
 
 
-def _save_policy(r: _Run, path: Path, state_dict: dict | None) -> None:
+def _save_policy(r: BuiltRun, path: Path, state_dict: dict | None) -> None:
     """Write the policy in Hugging Face format (rank 0): the model itself, or in a sharded run the
     sampler's unsharded copy (equal to the policy after every update, `_policy_copy_saves`) or else
     the gathered ``state_dict``."""
@@ -499,18 +332,6 @@ def _save(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
-
-
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _init_wandb(run: RunConfig, out: Path, config: dict, algo_name: str, run_id: str | None = None):
