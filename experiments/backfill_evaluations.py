@@ -68,7 +68,7 @@ def backfill(run_dir: Path, iterations: list[int] | None = None) -> dict[int, st
     from algos.samplers import make_sampler
     from algos.training.config import RunConfig
     from algos.training.context import derived_seed
-    from algos.training.evaluation import evaluation_settings, run_evaluation, test_environment
+    from algos.training.evaluation import evaluation_settings, run_evaluation, eval_environment
     from algos.training.run_control import EVALUATIONS
     from langenv.tasks.base import make_task
 
@@ -109,7 +109,7 @@ def backfill(run_dir: Path, iterations: list[int] | None = None) -> dict[int, st
                                    chat_template=run.chat_template)
     start_state = {k: v.clone() for k, v in policy.state_dict().items()}
     context = getattr(policy.config, "max_position_embeddings", None)
-    env, problems = test_environment(task, tokenizer, run, sampling.max_new_tokens, context)
+    env, problems = eval_environment(task, tokenizer, run, sampling.max_new_tokens, context)
     sampler = make_sampler(run.sampler, policy, tokenizer, max_batch_size=run.sampler_batch_size,
                            max_context=context, workdir=run_dir / "vllm")
     settings = evaluation_settings(run, sampling)

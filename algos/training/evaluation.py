@@ -123,7 +123,7 @@ def run_evaluation(env: LanguageEnv, sampler: Sampler, problems: Sequence, itera
     return metrics, episodes, record
 
 
-def test_environment(task: Task, tokenizer, run: RunConfig, max_new_tokens: int,
+def eval_environment(task: Task, tokenizer, run: RunConfig, max_new_tokens: int,
                      max_context: int | None) -> tuple[LanguageEnv, Sequence]:
     """The test-split environment of a run and the problems it evaluates (the first ``run.eval_problems``,
     all at 0)."""

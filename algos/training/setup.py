@@ -28,7 +28,7 @@ from algos.training.config import RunConfig
 from algos.training.context import Algorithm, TrainContext
 from algos.training.distributed import Dist
 from algos.training.distributed import current as current_dist
-from algos.training.evaluation import test_environment
+from algos.training.evaluation import eval_environment
 from algos.training.mc_diagnostics import MCDiagnostics
 from algos.training.prompts import PromptSampler, make_prompt_sampler
 from algos.training.run_control import (
@@ -132,7 +132,7 @@ def build_run(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[
     max_new = algo_config.sampling.max_new_tokens
     context = getattr(policy.config, "max_position_embeddings", None)
     env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=max_new, max_context=context)
-    eval_env, eval_problems = test_environment(task, tokenizer, run, max_new, context)
+    eval_env, eval_problems = eval_environment(task, tokenizer, run, max_new, context)
     train_problems = env.problems[: run.train_problems or None]
     env.check_prompt_lengths()
     eval_env.check_prompt_lengths(eval_problems)
