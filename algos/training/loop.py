@@ -3,9 +3,9 @@
 
 `train` reads in four phases, in the order they run:
 
-1. `algos.training.setup.build_run`: the run directory, the policy / reference / tokenizer (`algos.models`), the train and
-   test environments, the grading canary, the sampler, the algorithm (the contract is
-   `algos.training.context`) and the prompt sampler (`algos.training.prompts`);
+1. `algos.training.setup.build_run`: the run directory, the policy / reference / tokenizer
+   (`algos.models`), the train and test environments, the grading canary, the sampler, the algorithm
+   (the contract is `algos.training.context`) and the prompt sampler (`algos.training.prompts`);
 2. `_restore`: a fresh run's state, or everything a checkpoint holds (`--resume`);
 3. `_loop`: the iterations, with evaluations, metrics, checkpoints, signals and the non-finite guard;
 4. `_finish`: the final model, ``summary.json`` and what the run prints last.
@@ -86,7 +86,7 @@ def train(run: RunConfig, algo_name: str, algo_config: Any, build: Callable[...,
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. restore (building is `algos.training.setup.build_run`)
+# 2. restore (1, building, is `algos.training.setup.build_run`)
 
 
 def _restore(r: BuiltRun) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def _restore(r: BuiltRun) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. loop
+# 3. loop
 
 
 def _evaluate(r: BuiltRun, iteration: int) -> dict[str, float]:
@@ -259,7 +259,7 @@ def _interrupted(r: BuiltRun, signum: int, done: int, ckpt: Checkpoint | None) -
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. finish
+# 4. finish
 
 
 def _finish(r: BuiltRun, state: dict[str, Any]) -> dict[str, Any]:

@@ -102,6 +102,8 @@ ALGO = {"null": "grpo", "null+dynamic": "grpo", "ppo+learnability": "ppo", "vine
         "grpo+cppo": "grpo", "vineppo+dynamic-k1": "vineppo", "vineppo+dynamic-k9": "vineppo",
         "vineppo+dynamic-t1.2": "vineppo", "ppo+dynamic-t1.2": "ppo"}  # labels that are not algorithm names
 RESTEM_ROUNDS = 5
+#: The control runs each label is compared with (``vs_<control>`` in summary.json), when they have finished.
+CONTROLS = ("sft", "null", "null+dynamic")
 MULTI_SEED = ("vineppo", "ppo", "grpo", "grpo+dynamic", "vineppo+dynamic", "ppo+dynamic", "sft")
 
 #: What was tried (2-core CPU). Earlier design (8 x 8, 10 iterations; 2026-11-22; results in git history):
@@ -192,7 +194,7 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
 
 
 def gains(run_specs: list[compare.RunSpec], out: Path,
-          controls: tuple[str, ...] = ("sft", "null", "null+dynamic")) -> dict:
+          controls: tuple[str, ...] = CONTROLS) -> dict:
     """Per label: seeds finished, mean start and final sampled pass@1 (fractions), the gain's mean and
     standard error, and the difference of the final pass@1 from each finished control's (``vs_sft``,
     ``vs_null``, ``vs_null+dynamic``: {"diff", "se", "se_kind"}; see ``_difference``).
@@ -287,7 +289,7 @@ def gains_table(table: dict) -> str:
     def pm(x: dict | None) -> str:
         return "" if x is None else f"{100 * x['diff']:+.1f} ± {100 * x['se']:.1f} ({x['se_kind']})"
 
-    controls = [c for c in ("sft", "null", "null+dynamic") if any(f"vs_{c}" in r for r in table.values())]
+    controls = [c for c in CONTROLS if any(f"vs_{c}" in r for r in table.values())]
     head = "| run | seeds | start | final | gain | " + "".join(f"vs {c} control | " for c in controls)
     lines = ["## Sampled pass@1: gains over the start and differences from the controls (points)", "",
              head.rstrip(), "|---" * (5 + len(controls)) + "|"]
