@@ -18,9 +18,12 @@ the sampler keeps its own reference and never reads it back from the model's out
    (``keys[index]`` with repeated indices, as transformers 5.23 `DynamicLayer.batch_select_indices`
    does). The first token of every row is sampled from the prefill's last-position logits, so
    expansion costs no forward pass. Full-attention layers are then written in place into a
-   preallocated buffer (`_PreallocatedLayer`, a `DynamicLayer` subclass inside the
+   preallocated buffer (`algos.samplers.decode_cache.expand_cache`, a `DynamicLayer` subclass inside the
    `DynamicCache`) instead of `DynamicLayer.update`'s per-step ``torch.cat``; other layer types
-   (sliding window, ...) keep their transformers class.
+   (sliding window, ...) keep their transformers class. For models that qualify (Llama-family full
+   attention, `algos.samplers.decode_cache.supports_cascade`) the prefix is not even copied: each
+   prompt's keys/values stay once in the cache and a decode step attends to them once for all the
+   prompt's rows (shared-prefix "cascade" attention), the rows' own tokens apart.
 2. **Finished rows leave the batch.** A row that emits EOS, completes a stop string or reaches its
    own cap is removed from the running batch (cache, attention mask, positions), so the remaining
    steps cost only the live rows. `generate` keeps computing finished rows until the whole batch
@@ -40,14 +43,12 @@ same weights give identical completions; the same prompt inside another call nee
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -59,6 +60,7 @@ from algos.samplers.base import (
     finish_completion,
     prompt_caps,
 )
+from algos.samplers.decode_cache import cascade_cache, cascade_decoding, expand_cache, supports_cascade
 
 __all__ = ["PrefixSharingSampler", "SamplerStats", "cache_keyword", "stop_candidate_mask"]
 
@@ -151,96 +153,6 @@ def stop_candidate_mask(tokenizer, stop_strings: Sequence[str], vocab_size: int)
     return mask
 
 
-class _PreallocatedLayer(DynamicLayer):
-    """A `DynamicLayer` that writes new keys/values into a preallocated buffer instead of
-    concatenating (transformers 5.23 `DynamicLayer.update` is ``torch.cat([keys, new], dim=-2)``,
-    a full copy of the layer's cache every step).
-
-    Buffers: (B, heads, capacity, d); ``keys`` / ``values`` are views of the first ``length``
-    positions, what attention reads. The buffer grows by half its size (at most to ``limit``
-    positions) when full. Only plain full-attention layers are replaced by this one; sliding-window
-    or other layer types keep their own class.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, reserve: int, limit: int):
-        super().__init__()
-        length = keys.shape[-2]
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self.length, self.limit = length, max(limit, length)
-        capacity = min(self.limit, length + reserve)
-        self._k = keys.new_empty((index.numel(), keys.shape[1], capacity, keys.shape[3]))
-        self._v = values.new_empty((index.numel(), values.shape[1], capacity, values.shape[3]))
-        self._k[:, :, :length] = keys[index]
-        self._v[:, :, :length] = values[index]
-        self._views()
-
-    def _views(self) -> None:
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self.length + n > self._k.shape[2]:
-            capacity = max(self.length + n, min(self.limit, self._k.shape[2] * 3 // 2))
-            grow = capacity - self._k.shape[2]
-            self._k = torch.cat([self._k, self._k.new_empty(self._k.shape[:2] + (grow, self._k.shape[3]))], dim=2)
-            self._v = torch.cat([self._v, self._v.new_empty(self._v.shape[:2] + (grow, self._v.shape[3]))], dim=2)
-        self._k[:, :, self.length: self.length + n] = key_states
-        self._v[:, :, self.length: self.length + n] = value_states
-        self.length += n
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        # copy only the filled positions: the rest of the new buffer is never touched before it is written
-        k = self._k.new_empty((indices.numel(),) + self._k.shape[1:])
-        v = self._v.new_empty((indices.numel(),) + self._v.shape[1:])
-        k[:, :, : self.length] = self.keys[indices]
-        v[:, :, : self.length] = self.values[indices]
-        self._k, self._v = k, v
-        self._views()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._k = self._k.repeat_interleave(repeats, dim=0)
-        self._v = self._v.repeat_interleave(repeats, dim=0)
-        self._views()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop: expected a negative count of tokens to remove, got {tokens_to_remove}")
-        self.length = max(0, self.length + tokens_to_remove)
-        self._views()
-
-    def reset(self) -> None:
-        self.length = 0
-        self._views()
-
-
-def _expand_cache(cache: DynamicCache, index: torch.Tensor, reserve: int, limit: int) -> DynamicCache:
-    """A cache for the rows ``index`` (B,) of ``cache`` (U rows): row b holds prompt ``index[b]``.
-
-    Plain `DynamicLayer` layers become `_PreallocatedLayer` with room for ``reserve`` more
-    positions (``limit`` at most) when ``reserve > 0``; other layers (and all layers when
-    ``reserve == 0``) are index-selected on a shallow copy (`DynamicLayer.batch_select_indices`
-    is ``keys[indices]``, a new tensor, so repeated indices expand and ``cache`` is unchanged).
-    """
-    out = copy.copy(cache)
-    out.layers = []
-    for layer in cache.layers:
-        plain = type(layer) is DynamicLayer and layer.is_initialized and layer.get_seq_length() > 0
-        if plain and reserve > 0:
-            out.layers.append(_PreallocatedLayer(layer.keys, layer.values, index, reserve, limit))
-        else:
-            other = copy.copy(layer)
-            other.batch_select_indices(index)
-            out.layers.append(other)
-    return out
-
-
 class PrefixSharingSampler:
     """`Sampler` with one prefill per distinct prompt, finished-row dropping and batched sampling.
 
@@ -262,13 +174,17 @@ class PrefixSharingSampler:
             layers when decoding starts; new keys/values are written in place and the buffer
             grows by half when full. ``0`` keeps transformers' `DynamicLayer`, which
             concatenates every step (a copy of the whole layer cache per token).
+        cascade: decode with shared-prefix attention (`algos.samplers.decode_cache`: one copy of each
+            prompt's keys/values for all its rows) where the model qualifies
+            (`supports_cascade`); False, or a model that does not qualify, expands the prompt's
+            cache to every row (``prealloc_tokens`` then applies to the whole row).
 
     Raises:
         ValueError: a bad argument (named), or a tokenizer without EOS.
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None,
-                 bucket_slack: float = 0.25, prealloc_tokens: int = 256):
+                 bucket_slack: float = 0.25, prealloc_tokens: int = 256, cascade: bool = True):
         max_context = check_sampler_args(model, tokenizer, max_batch_size, max_context, "PrefixSharingSampler")
         if isinstance(bucket_slack, bool) or not isinstance(bucket_slack, (int, float)) or not bucket_slack >= 0:
             raise ValueError(f"bucket_slack: expected a number >= 0, got {bucket_slack!r}")
@@ -280,6 +196,9 @@ class PrefixSharingSampler:
         self.max_context = max_context
         self.bucket_slack = float(bucket_slack)
         self.prealloc_tokens = prealloc_tokens
+        if not isinstance(cascade, bool):
+            raise ValueError(f"cascade: expected a bool, got {cascade!r}")
+        self.cascade = cascade
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
         self.stats = SamplerStats()
@@ -407,8 +326,15 @@ class PrefixSharingSampler:
             cap = torch.tensor([caps[u] for u, _ in chunk], dtype=torch.long, device=device)
             # (U, heads, W, d) -> (rows, heads, W + room, d): repeated indices expand a prompt to its samples
             steps = max(caps[u] for u, _ in chunk)
-            chunk_cache = _expand_cache(cache, src, reserve=min(steps, self.prealloc_tokens), limit=mask.shape[1] + steps)
-            outs = self._decode(chunk_cache, logits[src], mask[src], lengths[src], cap, params, generator)
+            reserve = min(steps, self.prealloc_tokens)
+            if self.cascade and supports_cascade(self.model, cache):
+                # one copy of each prompt's keys/values for all its rows (algos.samplers.decode_cache)
+                chunk_cache = cascade_cache(cache, mask, src, reserve=max(reserve, 1), limit=steps)
+                with cascade_decoding(self.model, chunk_cache):
+                    outs = self._decode(chunk_cache, logits[src], None, lengths[src], cap, params, generator)
+            else:
+                chunk_cache = expand_cache(cache, src, reserve=reserve, limit=mask.shape[1] + steps)
+                outs = self._decode(chunk_cache, logits[src], mask[src], lengths[src], cap, params, generator)
             for (_, (i, j)), comp in zip(chunk, outs):
                 results[i][j] = comp
 
@@ -418,14 +344,15 @@ class PrefixSharingSampler:
             self._stop_masks[key] = stop_candidate_mask(self.tokenizer, stop_strings, vocab_size).to(device)
         return self._stop_masks[key]
 
-    def _decode(self, cache, logits: torch.Tensor, mask: torch.Tensor, prompt_lengths: torch.Tensor,
+    def _decode(self, cache, logits: torch.Tensor, mask: torch.Tensor | None, prompt_lengths: torch.Tensor,
                 caps: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> list[Completion]:
         """The decode loop for one chunk of B rows.
 
         Args:
             cache: DynamicCache already expanded to the B rows (B, heads, W, d per layer).
             logits: (B, V) float32 next-token logits after the prompt.
-            mask: (B, W) long attention mask of the prompt (left padding).
+            mask: (B, W) long attention mask of the prompt (left padding); None for a cascade
+                cache, which holds the padding itself (the model is then called without a mask).
             prompt_lengths: (B,) long, tokens; the position of a row's first new token.
             caps: (B,) long, most new tokens per row (>= 1).
         Returns:
@@ -487,10 +414,12 @@ class PrefixSharingSampler:
                     break
                 keep = (~done).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
-                mask, alive, position, row_caps, tok = mask[keep], alive[keep], position[keep], row_caps[keep], tok[keep]
+                alive, position, row_caps, tok = alive[keep], position[keep], row_caps[keep], tok[keep]
+                mask = mask[keep] if mask is not None else None
 
             # ---- one forward step for the live rows
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
                              use_cache=True, **fwd_kwargs)
             self.stats.decode_calls += 1

@@ -15,7 +15,13 @@ the SAME prefixes are continued K times through `algos.rollout.continue_states` 
    `HFSampler`'s stopping criterion, since transformers' own ``stop_strings`` fails on the character
    tokenizer; no log-probs are computed, which only favours it);
 2. ``hf_batched``: `algos.samplers.hf.HFSampler`, all prefixes x K rows batched (``--batch-size`` rows);
-3. ``fast``: `algos.samplers.prefix_sharing.PrefixSharingSampler` (one prefill per prefix, finished rows dropped).
+3. ``fast_expanded``: `algos.samplers.prefix_sharing.PrefixSharingSampler` with ``cascade=False``
+   (one prefill per prefix, its KV cache copied to each of its K rows, finished rows dropped);
+4. ``fast``: the same sampler as used in training, with shared-prefix (cascade) attention: each
+   prefix's keys/values are kept and read once for all its K rows (`algos.samplers.decode_cache`).
+
+``--task gsm8k`` takes the prefixes from the tiny GSM8K model's trajectories instead (longer
+prompts and steps: GSM8K-length prefixes, where sharing the prefix should pay more).
 
 After a short warm-up, each sampler runs ``--repeats`` times (interleaved with the others, each run
 with its own seed) and its fastest run is reported. Tokens are those of the returned completions
@@ -178,21 +184,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=4, help="trajectories per problem (G)")
     ap.add_argument("--prefixes", type=int, default=40, help="most step-boundary prefixes to continue (first N)")
     ap.add_argument("--k", type=int, default=9, help="Monte-Carlo continuations per prefix (K; VinePPO paper: 9)")
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="response budget (tokens)")
+    ap.add_argument("--task", default="arithmetic", choices=["arithmetic", "gsm8k"],
+                    help="task whose tiny warm start and trajectories give the prefixes")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="response budget (tokens); default 96 for arithmetic, 256 for gsm8k")
     ap.add_argument("--batch-size", type=int, default=64, help="max sequences per batch (hf_batched and fast)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=2, help="runs per sampler (interleaved); the fastest is reported")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="*", default=["naive", "hf_batched", "fast"], choices=["naive", "hf_batched", "fast"])
+    names = ["naive", "hf_batched", "fast_expanded", "fast"]
+    ap.add_argument("--only", nargs="*", default=names, choices=names)
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv")))
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"JSON results path (default {DEFAULT_OUT.name}, mc_rollouts_gsm8k.json for gsm8k)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.task == "arithmetic" else DEFAULT_OUT.with_name("mc_rollouts_gsm8k.json")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 96 if args.task == "arithmetic" else 256
     for name in ("problems", "samples", "prefixes", "k", "max_new_tokens", "batch_size", "threads", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
 
-    task = make_task("arithmetic")
+    task = make_task(args.task)
     path = warm_start_tiny(task, args.cache_dir)
     policy, tok = load_policy(str(path), dtype=torch.float32)
     context = getattr(policy.config, "max_position_embeddings", None)
@@ -210,6 +225,8 @@ def main(argv=None) -> dict:
     samplers = {
         "naive": lambda: NaiveGenerateSampler(policy, tok),
         "hf_batched": lambda: HFSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
+        "fast_expanded": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context,
+                                                      cascade=False),
         "fast": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
     }
     work = ForwardWork(policy)
@@ -225,10 +242,10 @@ def main(argv=None) -> dict:
             values = [sum(r.reward for r in rs) / len(rs) for rs in results]
             run = {"wall_s": sampler.seconds, "cpu_s": sampler.cpu_seconds, "tokens": sampler.tokens,
                    "forward_positions": work.positions, "forward_calls": work.calls, "mean_value": sum(values) / len(values)}
-            if name == "fast":
+            if name.startswith("fast"):
                 run["stats"] = {k: v for k, v in vars(sampler.inner.stats).items() if k != "buckets"}
             rows[name]["runs"].append(run)
-            print(f"  run {rep + 1}/{args.repeats} {name:<11} wall {sampler.seconds:6.2f} s  cpu {sampler.cpu_seconds:6.2f} s  "
+            print(f"  run {rep + 1}/{args.repeats} {name:<13} wall {sampler.seconds:6.2f} s  cpu {sampler.cpu_seconds:6.2f} s  "
                   f"{sampler.tokens:6d} tokens  {work.calls:5d} forwards over {work.positions:6d} positions  "
                   f"mean V̂ {run['mean_value']:.3f}", flush=True)
 
@@ -242,7 +259,7 @@ def main(argv=None) -> dict:
         row["positions_per_token"] = best_wall["forward_positions"] / best_wall["tokens"]
     for name, row in rows.items():
         for key in ("tokens_per_s", "tokens_per_cpu_s"):
-            for base in ("naive", "hf_batched"):
+            for base in ("naive", "hf_batched", "fast_expanded"):
                 row[f"{key}_x_{base}"] = row[key] / rows[base][key] if base in rows else float("nan")
 
     info = machine()
@@ -250,12 +267,15 @@ def main(argv=None) -> dict:
           f"transformers {info['transformers']}, {info['date']}")
     print(f"{len(states)} prefixes x K={args.k}, max_new_tokens={args.max_new_tokens}, batch {args.batch_size}, "
           f"best of {args.repeats} runs")
-    print(f"{'sampler':<11} {'tok/s wall':>10} {'x naive':>8} {'x hf':>6} | {'tok/cpu-s':>10} {'x naive':>8} {'x hf':>6} | "
-          f"{'fwd pos/tok':>11}")
+    print(f"{'sampler':<13} {'tok/s wall':>10} {'x naive':>8} {'x hf':>6} {'x exp':>6} | {'tok/cpu-s':>10} "
+          f"{'x naive':>8} {'x hf':>6} {'x exp':>6} | {'fwd pos/tok':>11}")
     for name, row in rows.items():
-        print(f"{name:<11} {row['tokens_per_s']:10.1f} {row['tokens_per_s_x_naive']:8.2f} {row['tokens_per_s_x_hf_batched']:6.2f} | "
-              f"{row['tokens_per_cpu_s']:10.1f} {row['tokens_per_cpu_s_x_naive']:8.2f} {row['tokens_per_cpu_s_x_hf_batched']:6.2f} | "
+        print(f"{name:<13} {row['tokens_per_s']:10.1f} {row['tokens_per_s_x_naive']:8.2f} "
+              f"{row['tokens_per_s_x_hf_batched']:6.2f} {row['tokens_per_s_x_fast_expanded']:6.2f} | "
+              f"{row['tokens_per_cpu_s']:10.1f} {row['tokens_per_cpu_s_x_naive']:8.2f} "
+              f"{row['tokens_per_cpu_s_x_hf_batched']:6.2f} {row['tokens_per_cpu_s_x_fast_expanded']:6.2f} | "
               f"{row['positions_per_token']:11.2f}")
+    print("x exp: against fast_expanded (the same sampler without shared-prefix attention)")
     print("fwd pos/tok: token positions run through the model (prefill + decode, padding and finished rows "
           "included) per returned token")
     result = {"machine": info, "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
