@@ -299,14 +299,16 @@ def cascade_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         ((B, 1, heads, d) attention output, None).
 
     Raises:
-        RuntimeError: called outside `cascade_decoding`, for more than one query token, or with
-            dropout (training).
+        RuntimeError: called outside `cascade_decoding`, for more than one query token, with
+            dropout (training), a sliding window or soft-capping.
     """
     cache = _ACTIVE.get()
     if cache is None:
         raise RuntimeError("cascade attention is only valid inside cascade_decoding()")
     if query.shape[2] != 1 or dropout:
         raise RuntimeError("cascade attention handles single-token decode steps without dropout")
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise RuntimeError("cascade attention does not handle sliding windows or soft-capping")
     layer, rows = cache.layers[module.layer_idx], cache.rows
     n_rows, heads, _, d = query.shape
     heads_kv, groups = key.shape[1], heads // key.shape[1]
