@@ -246,6 +246,8 @@ class RestEM:
             "restem/selected_step": m["selected_step"],
             "restem/validation_accuracy": m["validation_accuracy"],
             "restem/validation_accuracy_start": m["validation_accuracy_start"],
+            "restem/validation_accuracy_last": m["validation_accuracy_last"],
+            "restem/validation_step_last": m["validation_step_last"],
             "restem/checkpoints_evaluated": m["checkpoints_evaluated"],
             "tokens/validation": m["validation_tokens"],
             "update/optimizer_steps": m["optimizer_steps"],
@@ -336,6 +338,9 @@ class RestEM:
             "selected_step": float(steps[chosen]),
             "validation_accuracy": accuracies[chosen],
             "validation_accuracy_start": accuracies[0],
+            # the last checkpoint evaluated: with the paper's walk, the one that ended it
+            "validation_accuracy_last": accuracies[-1],
+            "validation_step_last": float(steps[-1]),
             "optimizer_steps": float(len(losses)),
             "planned_steps": float(planned),
             "loss": sum(losses) / len(losses) if losses else nan,

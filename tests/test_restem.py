@@ -196,6 +196,9 @@ def test_real_validation_counts_tokens(tokenizer, small_model):
     assert metrics["restem/validation_accuracy_start"] == 1.0
     assert metrics["restem/selected_step"] == 0  # no checkpoint can beat 1.0
     assert metrics["tokens/validation"] > 0 and metrics["restem/checkpoints_evaluated"] == 2
+    # the walk ended at step 1, the first checkpoint after the start: its accuracy is logged too
+    assert metrics["restem/validation_step_last"] == 1.0
+    assert 0.0 <= metrics["restem/validation_accuracy_last"] <= 1.0
 
 
 def test_trainer_smoke_run(tmp_path, tokenizer, small_model):
