@@ -126,6 +126,9 @@ TRIED: list[str] = [
     "step 4 (3 of its 4 steps were warm-up; greedy accuracy unchanged, and a tie ends the paper's walk), so no "
     "update was ever accepted and the final model was the start (+1.3 ± 0.5 of pure evaluation noise); now a "
     "checkpoint every 16 steps, validation 4 samples at T 0.35",
+    "RestEM, checkpoint every 16 steps: still no checkpoint above the start in any round (+1.3 again); a "
+    "choose_best round evaluating all 7 checkpoints: validation 56.6% at the start, 52.1% at step 88, none above "
+    "the start: lr 1e-4 (the paper: 1e-6) lowers accuracy here; a lower lr is untried",
 ]
 
 
