@@ -65,17 +65,23 @@ class _PreallocatedLayer(DynamicLayer):
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, reserve: int, limit: int):
-        super().__init__()
         length = keys.shape[-2]
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self.length, self.limit = length, max(limit, length)
-        capacity = min(self.limit, length + reserve)
-        self._k = keys.new_empty((index.numel(), keys.shape[1], capacity, keys.shape[3]))
-        self._v = values.new_empty((index.numel(), values.shape[1], capacity, values.shape[3]))
+        self._allocate(keys, values, index.numel(), length, max(limit, length), reserve)
         self._k[:, :, :length] = keys[index]
         self._v[:, :, :length] = values[index]
         self._views()
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, rows: int, length: int, limit: int,
+                  reserve: int) -> None:
+        """Empty (rows, heads, capacity, d) buffers shaped and typed like ``keys`` / ``values``, with
+        ``length`` positions counted as filled and room for ``reserve`` more (``limit`` at most)."""
+        DynamicLayer.__init__(self)
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self.length, self.limit = length, limit
+        capacity = max(1, min(limit, length + reserve))
+        self._k = keys.new_empty((rows, keys.shape[1], capacity, keys.shape[3]))
+        self._v = values.new_empty((rows, values.shape[1], capacity, values.shape[3]))
 
     def _views(self) -> None:
         self.keys = self._k[:, :, : self.length]
@@ -165,52 +171,22 @@ class _Rows:
         self.bias = self._bias[src][:, None, :]
 
 
-class _CascadeLayer(DynamicLayer):
+class _CascadeLayer(_PreallocatedLayer):
     """One layer's cache: the prompts' prefill keys/values once, each row's suffix in a
-    preallocated buffer (grown by half when full, at most ``limit`` positions).
+    `_PreallocatedLayer` buffer (grown by half when full, at most ``limit`` positions).
 
     ``update`` appends the new token's keys/values to the suffix and returns the suffix views
     (B, heads_kv, S, d): the prefix is read by `cascade_attention` from ``prefix_keys`` /
     ``prefix_values`` (U, heads_kv, W, d). ``get_seq_length`` counts W + S positions."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, reserve: int, limit: int):
-        super().__init__()
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
+        self._allocate(keys, values, rows, 0, max(limit, 1), reserve)
         self.prefix_keys, self.prefix_values = keys, values
-        self.width, self.length, self.limit = keys.shape[-2], 0, max(limit, 1)
-        capacity = max(1, min(self.limit, reserve))
-        self._k = keys.new_empty((rows, keys.shape[1], capacity, keys.shape[3]))
-        self._v = values.new_empty((rows, values.shape[1], capacity, values.shape[3]))
+        self.width = keys.shape[-2]
         self._views()
-
-    def _views(self) -> None:
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self.length + n > self._k.shape[2]:
-            capacity = max(self.length + n, min(self.limit, self._k.shape[2] * 3 // 2))
-            grow = capacity - self._k.shape[2]
-            self._k = torch.cat([self._k, self._k.new_empty(self._k.shape[:2] + (grow, self._k.shape[3]))], dim=2)
-            self._v = torch.cat([self._v, self._v.new_empty(self._v.shape[:2] + (grow, self._v.shape[3]))], dim=2)
-        self._k[:, :, self.length: self.length + n] = key_states
-        self._v[:, :, self.length: self.length + n] = value_states
-        self.length += n
-        self._views()
-        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.width + self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        k = self._k.new_empty((indices.numel(),) + self._k.shape[1:])
-        v = self._v.new_empty((indices.numel(),) + self._v.shape[1:])
-        k[:, :, : self.length] = self.keys[indices]
-        v[:, :, : self.length] = self.values[indices]
-        self._k, self._v = k, v
-        self._views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a cascade cache is built for its rows; it cannot be repeated")

@@ -18,8 +18,8 @@ the sampler keeps its own reference and never reads it back from the model's out
    (``keys[index]`` with repeated indices, as transformers 5.23 `DynamicLayer.batch_select_indices`
    does). The first token of every row is sampled from the prefill's last-position logits, so
    expansion costs no forward pass. Full-attention layers are then written in place into a
-   preallocated buffer (`algos.samplers.decode_cache.expand_cache`, a `DynamicLayer` subclass inside the
-   `DynamicCache`) instead of `DynamicLayer.update`'s per-step ``torch.cat``; other layer types
+   preallocated buffer (`algos.samplers.decode_cache.expand_cache`: a `DynamicLayer` subclass inside
+   the `DynamicCache`) instead of `DynamicLayer.update`'s per-step ``torch.cat``; other layer types
    (sliding window, ...) keep their transformers class. For models that qualify (Llama-family full
    attention, `algos.samplers.decode_cache.supports_cascade`) the prefix is not even copied: each
    prompt's keys/values stay once in the cache and a decode step attends to them once for all the
