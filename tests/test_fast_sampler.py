@@ -372,3 +372,41 @@ def test_vineppo_values_agree_with_hf_sampler(coin):
     assert ((v_hf - v_fast).abs() <= 5 * se).all(), (v_hf, v_fast)
     pooled_se = float(se.pow(2).sum().sqrt()) / len(states)
     assert abs(float(v_hf.mean() - v_fast.mean())) < 5 * pooled_se
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("temperature", [0.1, 0.6, 1.0, 5.0])
+def test_nucleus_is_transformers_top_p(top_p, temperature):
+    """`nucleus` keeps exactly the tokens transformers' TopPLogitsWarper keeps, with the same
+    renormalised probabilities, on peaked and flat rows (flat ones widen k up to the whole vocabulary)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from algos.samplers.nucleus import nucleus
+
+    gen = torch.Generator().manual_seed(int(100 * top_p + temperature))
+    logits = torch.randn(64, 2048, generator=gen, dtype=torch.float64) * 4
+    scores = logits / temperature
+    warped = TopPLogitsWarper(top_p)(None, scores.clone()) if top_p < 1 else scores
+    expected = torch.softmax(warped, dim=-1)
+    weights, ids = nucleus(torch.softmax(scores, dim=-1), top_p)
+    got = torch.zeros_like(expected).scatter(1, ids, weights)
+    got = got / got.sum(dim=-1, keepdim=True)
+    assert torch.equal(got > 0, expected > 0)
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_sample_top_p_frequencies_and_errors():
+    """Draws from `sample_top_p` follow the renormalised nucleus (4 tokens kept of 6), never a token
+    outside it; bad arguments are refused."""
+    from algos.samplers.nucleus import nucleus, sample_top_p
+
+    probs = torch.tensor([[0.05, 0.4, 0.02, 0.3, 0.2, 0.03]]).repeat(20000, 1)
+    tok = sample_top_p(probs, 0.92, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tok, minlength=6).double() / len(tok)
+    nucleus_p = torch.tensor([0.05, 0.4, 0.0, 0.3, 0.2, 0.0], dtype=torch.float64) / 0.95
+    assert counts[2] == 0 and counts[5] == 0
+    assert torch.allclose(counts, nucleus_p, atol=0.015)
+    with pytest.raises(ValueError, match="top_p"):
+        nucleus(probs, 0.0)
+    with pytest.raises(ValueError, match="first_k"):
+        nucleus(probs, 0.5, first_k=0)

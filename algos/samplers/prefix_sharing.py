@@ -28,9 +28,9 @@ the sampler keeps its own reference and never reads it back from the model's out
    own cap is removed from the running batch (cache, attention mask, positions), so the remaining
    steps cost only the live rows. `generate` keeps computing finished rows until the whole batch
    is done.
-3. **No per-row Python in the hot loop.** Temperature, top-p (transformers'
-   `TemperatureLogitsWarper` / `TopPLogitsWarper`), the multinomial draw, the log-prob gather and
-   the EOS / cap checks are batched tensor ops. Stop strings are checked only for rows whose new
+3. **No per-row Python in the hot loop.** Temperature, top-p (`algos.samplers.nucleus`: the
+   nucleus of ``TopPLogitsWarper`` found with ``topk`` instead of a sort of the vocabulary), the
+   multinomial draw, the log-prob gather and the EOS / cap checks are batched tensor ops. Stop strings are checked only for rows whose new
    token could complete one: a boolean vocabulary mask, computed once per (stop strings, vocab
    size), marks tokens whose text contains the last character of a stop string (or could: U+FFFD,
    empty text, ids the tokenizer does not know); only those rows decode their tail window.
@@ -49,7 +49,6 @@ from typing import Sequence
 
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from algos.samplers.base import (
@@ -61,6 +60,7 @@ from algos.samplers.base import (
     prompt_caps,
 )
 from algos.samplers.decode_cache import cascade_cache, cascade_decoding, expand_cache, supports_cascade
+from algos.samplers.nucleus import sample_top_p
 
 __all__ = ["PrefixSharingSampler", "SamplerStats", "cache_keyword", "stop_candidate_mask"]
 
@@ -362,8 +362,6 @@ class PrefixSharingSampler:
         n_rows, vocab = logits.shape
         max_steps = int(caps.max())
         greedy = params.temperature == 0
-        temperature = TemperatureLogitsWarper(float(params.temperature)) if not greedy else None
-        top_p = TopPLogitsWarper(float(params.top_p)) if not greedy and params.top_p < 1.0 else None
         stops = params.stop_strings
         stop_mask = self._stop_mask(stops, vocab, device) if stops else None
         window = 4 * max(len(s) for s in stops) + 8 if stops else 0  # as `HFSampler`'s windowed check
@@ -385,10 +383,7 @@ class PrefixSharingSampler:
                 tok = logits.argmax(dim=-1)
             else:
                 logp = torch.log_softmax(logits / params.temperature, dim=-1)
-                scores = temperature(None, logits)
-                if top_p is not None:
-                    scores = top_p(None, scores)
-                tok = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+                tok = sample_top_p(logp.exp(), float(params.top_p), generator)  # nucleus without a vocabulary sort
             out_tok[alive, t] = tok
             out_lp[alive, t] = logp.gather(1, tok[:, None]).squeeze(1)
 
