@@ -55,6 +55,24 @@ def test_one_iteration_on_smollm2(algo, task, tmp_path):
     assert (out / "final" / "config.json").is_file()
 
 
+
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="needs reasoning-gym (the rg extra)")
+@pytest.mark.parametrize("dataset", ["basic_arithmetic", "chain_sum", "countdown"])
+def test_grpo_iteration_on_reasoning_gym_with_smollm2(dataset, tmp_path):
+    """`--task rg:<dataset>` on the real model: the canary (reference answers through the training grading
+    path) passes, and every sampled episode is graded by the dataset's scorer (no grading errors or
+    invalid results, every episode counted)."""
+    out = tmp_path / "run"
+    main([
+        "algo:grpo", "--task", f"rg:{dataset}", "--model", "smollm2-135m", "--iterations", "1", "--out", str(out),
+        "--wandb", "disabled", "--prompts-per-iteration", "2", "--max-new-tokens", "64", "--eval-problems", "2",
+        "--no-eval-sampled", "--canary-problems", "4", "--cache-dir", str(RunConfig().cache_dir), *SMALL.split(),
+    ])
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["grading/error"] == 0 and last["grading/invalid"] == 0
+    counted = sum(last[f"grading/{k}"] for k in ("correct", "incorrect", "no_answer", "timeout", "truncated"))
+    assert counted == 4  # 2 problems x 2 samples
+
 def test_no_chat_template_encodes_the_raw_prompt():
     from algos.models.warm_start import load_model
     from langenv import LanguageEnv

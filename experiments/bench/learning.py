@@ -294,12 +294,12 @@ def _across(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def gains_table(table: dict) -> str:
-    """Markdown: each label's sampled pass@1 gain and its differences from the controls (points)."""
+def gains_table(table: dict, controls: tuple[str, ...] = CONTROLS) -> str:
+    """Markdown: each label's sampled pass@1 gain and its differences from ``controls`` (points)."""
     def pm(x: dict | None) -> str:
         return "" if x is None else f"{100 * x['diff']:+.1f} ± {100 * x['se']:.1f} ({x['se_kind']})"
 
-    controls = [c for c in CONTROLS if any(f"vs_{c}" in r for r in table.values())]
+    controls = [c for c in controls if any(f"vs_{c}" in r for r in table.values())]
     head = "| run | seeds | start | final | gain | " + "".join(f"vs {c} control | " for c in controls)
     lines = ["## Sampled pass@1: gains over the start and differences from the controls (points)", "",
              head.rstrip(), "|---" * (5 + len(controls)) + "|"]

@@ -1,9 +1,10 @@
 """Does a real pretrained model learn here? SmolLM2-135M-Instruct on the arithmetic task: a short format SFT
-on reference solutions, then GRPO against the fair SFT control (and, with ``--null``, the permuted-advantage
-null control), all from the same format-SFT model, evaluated on the same test problems (paired).
+on reference solutions, then GRPO against the fair SFT control (and the permuted-advantage null control), all
+from the same format-SFT model, evaluated on the same test problems (paired).
 
-    flock /tmp/langenv-cpu.lock python experiments/bench/real_model_learning.py            # ~1.5 h on 2 cores
-    python experiments/bench/real_model_learning.py --summarize-only
+    flock /tmp/langenv-cpu.lock python experiments/bench/real_model_learning.py     # format SFT and 3 runs: ~2 h
+    python experiments/bench/real_model_learning.py --only grpo+dynamic-lr3e-6 sft-lr3e-6 --jobs 2
+    python experiments/bench/real_model_learning.py --only grpo grpo+dynamic-lr3e-6 sft-lr3e-6 --summarize-only
 
 Why the format SFT first: zero-shot through its chat template the model never writes the task's ``#### N``
 answer line on arithmetic (0/40 strict, BENCHMARKS "Real model: SmolLM2-135M"), so every reward is 0, every
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
@@ -50,8 +51,12 @@ class RealModelLearning:
     """Test problems per evaluation (the same first N for every run)."""
     eval_samples: int = 4
     """Sampled responses per test problem."""
-    null: bool = False
-    """Also run the null control (GRPO with permuted advantages)."""
+    only: list[str] = field(default_factory=lambda: ["grpo", "grpo+dynamic-lr3e-6", "sft-lr3e-6"])
+    """Compared runs (labels): ``grpo`` (lr 1e-5), ``grpo-lr3e-6``, ``grpo+dynamic-lr3e-6`` (DAPO dynamic
+    sampling, 3 extra rounds), ``sft`` / ``sft-lr3e-6`` (the fair SFT controls at each learning rate),
+    ``null`` (GRPO at 1e-5 with permuted advantages)."""
+    jobs: int = 1
+    """Compared runs at once (each then uses one torch thread)."""
     seed: int = 0
     out: Path = Path(__file__).resolve().parent / "results" / "real-model-learning"
     """Results folder."""
@@ -67,14 +72,20 @@ def specs(cfg: RealModelLearning) -> tuple[compare.RunSpec, list[compare.RunSpec
         f"--max-new-tokens {MAX_NEW} --eval-problems 20 --no-eval-sampled --eval-every {cfg.format_iterations} "
         f"--save-every 10 --prompts-per-iteration 16 --minibatch-size 8 --micro-batch-size 8 --learning-rate 2e-5 "
         "--warmup-ratio 0.1".split()))
-    rl = f"--prompts-per-iteration {PROMPTS} --samples-per-prompt {G} --minibatch-size {MINIBATCH} " \
-         f"--micro-batch-size 16 --learning-rate {LR} --warmup-ratio 0.1 --epochs 1"
-    runs = [compare.RunSpec("grpo", "grpo", cfg.seed, tuple(f"{evaluation} {rl} --kl-coef 1e-3".split())),
-            compare.RunSpec("sft", "sft", cfg.seed, tuple(f"{evaluation} {rl}".split()))]
-    if cfg.null:
-        runs.append(compare.RunSpec("null", "grpo", cfg.seed,
-                                    tuple(f"{evaluation} {rl} --kl-coef 1e-3 --permute-advantages".split())))
-    return fmt, runs
+    rl = f"{evaluation} --prompts-per-iteration {PROMPTS} --samples-per-prompt {G} --minibatch-size {MINIBATCH} " \
+         "--micro-batch-size 16 --warmup-ratio 0.1 --epochs 1"
+    if cfg.jobs > 1:
+        rl += " --threads 1"
+    flags = {"grpo": ("grpo", f"{rl} --learning-rate {LR} --kl-coef 1e-3"),
+             "grpo-lr3e-6": ("grpo", f"{rl} --learning-rate 3e-6 --kl-coef 1e-3"),
+             "grpo+dynamic-lr3e-6": ("grpo", f"{rl} --learning-rate 3e-6 --kl-coef 1e-3 --dynamic-sampling 3"),
+             "sft": ("sft", f"{rl} --learning-rate {LR}"),
+             "sft-lr3e-6": ("sft", f"{rl} --learning-rate 3e-6"),
+             "null": ("grpo", f"{rl} --learning-rate {LR} --kl-coef 1e-3 --permute-advantages")}
+    unknown = [n for n in cfg.only if n not in flags]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {unknown}; valid: {', '.join(flags)}")
+    return fmt, [compare.RunSpec(n, flags[n][0], cfg.seed, tuple(flags[n][1].split())) for n in cfg.only]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,17 +98,18 @@ def main(argv: list[str] | None = None) -> dict:
         status = compare.run_all([fmt], "arithmetic", cfg.model, cfg.format_iterations, cfg.out)
         if status[fmt.dirname].startswith("failed"):
             raise SystemExit(f"[real-model-learning] format SFT {status[fmt.dirname]}")
-        status = compare.run_all(runs, "arithmetic", str(start_model), cfg.iterations, cfg.out)
+        status = compare.run_all(runs, "arithmetic", str(start_model), cfg.iterations, cfg.out, cfg.jobs)
         for name, why in status.items():
             if why.startswith("failed"):
                 print(f"[real-model-learning] {name}: {why}")
     text = compare.summarize([fmt, *runs], cfg.out, title=f"SmolLM2-135M on arithmetic: {cfg.format_iterations} "
                              f"format-SFT iterations, then {cfg.iterations} iterations x {PROMPTS} problems x {G} "
                              f"samples, {cfg.eval_problems} test problems x {cfg.eval_samples}")
-    table = learning.gains(runs, cfg.out, controls=("sft", "null"))
+    controls = ("sft", "sft-lr3e-6", "null")
+    table = learning.gains(runs, cfg.out, controls=controls)
     (cfg.out / "summary.json").write_text(json.dumps({"start_model": str(start_model.relative_to(cfg.out)),
                                                       "runs": table}, indent=2))
-    text += "\n" + learning.gains_table(table)
+    text += "\n" + learning.gains_table(table, controls)
     (cfg.out / "summary.md").write_text(text)
     print(text)
     return table
