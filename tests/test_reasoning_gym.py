@@ -222,7 +222,9 @@ def test_tiny_setup_is_character_level():
 
 
 # ----------------------------------------------------------------------------------------------- run
-def test_one_grpo_iteration_on_chain_sum(tmp_path, tokenizer, small_model):
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_one_grpo_iteration_per_dataset(dataset, tmp_path, tokenizer, small_model):
+    """`--task rg:<dataset>` end to end with a tiny model: canary, sampling, grading, one update, evaluation."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from experiments.run import main
 
@@ -231,12 +233,12 @@ def test_one_grpo_iteration_on_chain_sum(tmp_path, tokenizer, small_model):
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
     summary = main([
-        "algo:grpo", "--task", "rg:chain_sum", "--model", str(model_dir), "--iterations", "1", "--out", str(out),
+        "algo:grpo", "--task", f"rg:{dataset}", "--model", str(model_dir), "--iterations", "1", "--out", str(out),
         "--wandb", "disabled", "--prompts-per-iteration", "2", "--max-new-tokens", "12", "--eval-problems", "4",
         "--canary-problems", "2", "--cache-dir", str(tmp_path / "cache"), "--samples-per-prompt", "2",
         "--minibatch-size", "4", "--micro-batch-size", "2",
     ])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
-    assert json.loads((out / "config.json").read_text())["run"]["task"] == "rg:chain_sum"
+    assert json.loads((out / "config.json").read_text())["run"]["task"] == f"rg:{dataset}"
     assert 0.0 <= summary["accuracy_after"] <= 1.0
