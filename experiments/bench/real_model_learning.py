@@ -54,7 +54,8 @@ class RealModelLearning:
     only: list[str] = field(default_factory=lambda: ["grpo", "grpo+dynamic-lr3e-6", "sft-lr3e-6"])
     """Compared runs (labels): ``grpo`` (lr 1e-5), ``grpo-lr3e-6``, ``grpo+dynamic-lr3e-6`` (DAPO dynamic
     sampling, 3 extra rounds), ``sft`` / ``sft-lr3e-6`` (the fair SFT controls at each learning rate),
-    ``null`` (GRPO at 1e-5 with permuted advantages)."""
+    ``null`` (GRPO at 1e-5 with permuted advantages), ``null+dynamic-lr3e-6`` (the null control of
+    ``grpo+dynamic-lr3e-6``)."""
     jobs: int = 1
     """Compared runs at once (each then uses one torch thread)."""
     seed: int = 0
@@ -81,7 +82,9 @@ def specs(cfg: RealModelLearning) -> tuple[compare.RunSpec, list[compare.RunSpec
              "grpo+dynamic-lr3e-6": ("grpo", f"{rl} --learning-rate 3e-6 --kl-coef 1e-3 --dynamic-sampling 3"),
              "sft": ("sft", f"{rl} --learning-rate {LR}"),
              "sft-lr3e-6": ("sft", f"{rl} --learning-rate 3e-6"),
-             "null": ("grpo", f"{rl} --learning-rate {LR} --kl-coef 1e-3 --permute-advantages")}
+             "null": ("grpo", f"{rl} --learning-rate {LR} --kl-coef 1e-3 --permute-advantages"),
+             "null+dynamic-lr3e-6": ("grpo", f"{rl} --learning-rate 3e-6 --kl-coef 1e-3 --dynamic-sampling 3 "
+                                             "--permute-advantages")}
     unknown = [n for n in cfg.only if n not in flags]
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}; valid: {', '.join(flags)}")
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = compare.summarize([fmt, *runs], cfg.out, title=f"SmolLM2-135M on arithmetic: {cfg.format_iterations} "
                              f"format-SFT iterations, then {cfg.iterations} iterations x {PROMPTS} problems x {G} "
                              f"samples, {cfg.eval_problems} test problems x {cfg.eval_samples}")
-    controls = ("sft", "sft-lr3e-6", "null")
+    controls = ("sft", "sft-lr3e-6", "null", "null+dynamic-lr3e-6")
     table = learning.gains(runs, cfg.out, controls=controls)
     (cfg.out / "summary.json").write_text(json.dumps({"start_model": str(start_model.relative_to(cfg.out)),
                                                       "runs": table}, indent=2))
