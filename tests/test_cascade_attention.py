@@ -101,28 +101,35 @@ def test_attention_outside_cascade_decoding_is_an_error():
 
 @pytest.mark.parametrize("temperature, stop", [(0.0, ()), (1.0, ()), (1.0, ("\n",)), (0.8, (" the", "?"))])
 def test_sampler_with_cascade_equals_the_expanded_cache(model64, tok, temperature, stop):
-    """Same seed, same draws: the two attention paths must give the same tokens, log-probs within
-    float64 rounding. Batches smaller than a prompt's samples split its rows across chunks."""
+    """Same seed, same draws: the expanded cache, cascade attention through the model's forward pass
+    and cascade attention in the fused decode step (`algos.samplers.fused_decode`) must give the same
+    tokens, log-probs within float64 rounding. Batches smaller than a prompt's samples split its rows
+    across chunks."""
     prompts = _mixed_prompts(tok)
     params = SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=24, stop_strings=stop, n=5)
     runs = {}
-    for cascade in (False, True):
-        seen: list[str] = []  # the attention implementation of every forward pass
+    for path in ("expanded", "cascade", "fused"):
+        seen: list[str] = []  # the attention implementation of every forward pass of the model
         hook = model64.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(m.config._attn_implementation))
         try:
-            sampler = PrefixSharingSampler(model64, tok, max_batch_size=8, cascade=cascade)
-            runs[cascade] = (sampler.generate(prompts, params, seed=11), sampler.stats)
+            sampler = PrefixSharingSampler(model64, tok, max_batch_size=8, cascade=path != "expanded",
+                                           fused_decode=path == "fused")
+            runs[path] = (sampler.generate(prompts, params, seed=11), sampler.stats)
         finally:
             hook.remove()
         assert model64.config._attn_implementation == "sdpa"  # restored after the call
-        assert seen.count(CASCADE_ATTENTION) == (sampler.stats.decode_calls if cascade else 0)
-    (plain, plain_stats), (shared, shared_stats) = runs[False], runs[True]
-    assert shared_stats.decode_calls == plain_stats.decode_calls
-    for ra, rb in zip(plain, shared):
-        for x, y in zip(ra, rb):
-            assert (x.token_ids, x.finish_reason, x.text) == (y.token_ids, y.finish_reason, y.text)
-            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-9, rtol=0)
-    assert sum(len(c.token_ids) for r in shared for c in r) > 50  # a real decode, not empty completions
+        # the fused step never calls the model: only the prefills do
+        assert seen.count(CASCADE_ATTENTION) == (sampler.stats.decode_calls if path == "cascade" else 0)
+        assert len(seen) == sampler.stats.prefill_calls + (0 if path == "fused" else sampler.stats.decode_calls)
+    plain, plain_stats = runs["expanded"]
+    for path in ("cascade", "fused"):
+        shared, shared_stats = runs[path]
+        assert shared_stats.decode_calls == plain_stats.decode_calls
+        for ra, rb in zip(plain, shared):
+            for x, y in zip(ra, rb):
+                assert (x.token_ids, x.finish_reason, x.text) == (y.token_ids, y.finish_reason, y.text)
+                torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-9, rtol=0)
+        assert sum(len(c.token_ids) for r in shared for c in r) > 50  # a real decode, not empty completions
 
 
 def test_implementation_restored_after_an_error(model64):

@@ -41,7 +41,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = ["CASCADE_ATTENTION", "CASCADE_MODEL_TYPES", "cascade_attention", "cascade_cache", "cascade_decoding",
-           "expand_cache", "supports_cascade"]
+           "expand_cache", "shared_prefix_attention", "supports_cascade"]
 
 CASCADE_ATTENTION = "langenv_cascade"
 #: Model types whose attention is plain scaled dot-product attention over the cache (no soft-capping,
@@ -154,7 +154,8 @@ class _Rows:
 
     ``src`` (B,) long: the row's prompt, non-decreasing (rows of a prompt are contiguous); ``grid``
     (B,) long: ``src · R + slot``, slot the row's rank among its prompt's rows; ``bias`` (B, 1, W)
-    additive prefix mask (0 or -inf: the prompt's left padding)."""
+    additive prefix mask (0 or -inf: the prompt's left padding); ``dense``: every prompt has R rows,
+    so ``grid`` is ``arange(B)`` and the rows can be viewed as the grid without a scatter."""
 
     def __init__(self, src: torch.Tensor, prefix_valid: torch.Tensor, dtype: torch.dtype):
         self.prompts, self.width = prefix_valid.shape
@@ -169,6 +170,8 @@ class _Rows:
         first = torch.cumsum(counts, 0) - counts
         self.grid = src * self.per_prompt + (torch.arange(src.numel(), device=src.device) - first[src])
         self.bias = self._bias[src][:, None, :]
+        # every prompt has exactly R rows: the rows already are the grid (grid == arange(B)), nothing to scatter
+        self.dense = src.numel() == self.prompts * self.per_prompt
 
 
 class _CascadeLayer(_PreallocatedLayer):
@@ -285,35 +288,58 @@ def cascade_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         raise RuntimeError("cascade attention handles single-token decode steps without dropout")
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise RuntimeError("cascade attention does not handle sliding windows or soft-capping")
-    layer, rows = cache.layers[module.layer_idx], cache.rows
-    n_rows, heads, _, d = query.shape
+    d = query.shape[-1]
+    scale = d ** -0.5 if scaling is None else scaling
+    out = shared_prefix_attention(query[:, :, 0, :] * scale, key, value, cache.layers[module.layer_idx], cache.rows)
+    return out[:, None], None
+
+
+def shared_prefix_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: _CascadeLayer,
+                            rows: _Rows) -> torch.Tensor:
+    """``softmax(q·[K_prefix; K_suffix]ᵀ)·[V_prefix; V_suffix]`` for one query token per row, reading
+    each prompt's prefix once for all its rows (see the module docstring).
+
+    Args:
+        q: (B, heads, d) queries, already multiplied by the softmax scale.
+        key, value: (B, heads_kv, S, d): the rows' own suffixes (heads divisible by heads_kv).
+        layer: the cache layer holding ``prefix_keys`` / ``prefix_values`` (U, heads_kv, W, d).
+        rows: the chunk's `_Rows` (prompt of each row, grid, padding bias).
+
+    Returns:
+        (B, heads, d) in ``q``'s dtype; the softmax runs in at least float32.
+    """
+    n_rows, heads, d = q.shape
     heads_kv, groups = key.shape[1], heads // key.shape[1]
     prompts, width, per = rows.prompts, rows.width, rows.per_prompt
-    scale = d ** -0.5 if scaling is None else scaling
-    q = query[:, :, 0, :]  # (B, H, d)
 
     # prefix scores: the grid (U, R, H, d) -> (U, H_kv, R·g, d) against each prompt's keys once
-    grid = q.new_zeros((prompts * per, heads, d))
-    grid[rows.grid] = q
+    if rows.dense:
+        grid = q
+    else:
+        grid = q.new_zeros((prompts * per, heads, d))
+        grid[rows.grid] = q
     grid = grid.view(prompts, per, heads_kv, groups, d).permute(0, 2, 1, 3, 4).reshape(prompts, heads_kv, per * groups, d)
     s_pre = torch.matmul(grid, layer.prefix_keys.transpose(-1, -2))  # (U, H_kv, R·g, W)
     s_pre = s_pre.view(prompts, heads_kv, per, groups, width).permute(0, 2, 1, 3, 4).reshape(prompts * per, heads, width)
-    s_pre = s_pre[rows.grid] * scale + rows.bias  # (B, H, W)
+    s_pre = (s_pre if rows.dense else s_pre[rows.grid]) + rows.bias  # (B, H, W)
     # suffix scores: each row against its own keys
-    s_suf = torch.matmul(q.view(n_rows, heads_kv, groups, d), key.transpose(-1, -2)) * scale  # (B, H_kv, g, S)
+    s_suf = torch.matmul(q.view(n_rows, heads_kv, groups, d), key.transpose(-1, -2))  # (B, H_kv, g, S)
     scores = torch.cat([s_pre, s_suf.reshape(n_rows, heads, -1)], dim=-1)
     p = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
     p_pre, p_suf = p[..., :width], p[..., width:]
 
-    weights = p.new_zeros((prompts * per, heads, width))
-    weights[rows.grid] = p_pre
-    weights = weights.view(prompts, per, heads_kv, groups, width).permute(0, 2, 1, 3, 4).reshape(
+    if rows.dense:
+        weights = p_pre
+    else:
+        weights = p.new_zeros((prompts * per, heads, width))
+        weights[rows.grid] = p_pre
+    weights = weights.reshape(prompts, per, heads_kv, groups, width).permute(0, 2, 1, 3, 4).reshape(
         prompts, heads_kv, per * groups, width)
     o_pre = torch.matmul(weights, layer.prefix_values)  # (U, H_kv, R·g, d)
     o_pre = o_pre.view(prompts, heads_kv, per, groups, d).permute(0, 2, 1, 3, 4).reshape(prompts * per, heads, d)
     o_suf = torch.matmul(p_suf.reshape(n_rows, heads_kv, groups, -1), value)  # (B, H_kv, g, d)
-    out = o_pre[rows.grid] + o_suf.reshape(n_rows, heads, d)
-    return out[:, None].to(query.dtype), None
+    out = (o_pre if rows.dense else o_pre[rows.grid]) + o_suf.reshape(n_rows, heads, d)
+    return out.to(q.dtype)
 
 
 AttentionInterface.register(CASCADE_ATTENTION, cascade_attention)

@@ -60,6 +60,7 @@ from algos.samplers.base import (
     prompt_caps,
 )
 from algos.samplers.decode_cache import cascade_cache, cascade_decoding, expand_cache, supports_cascade
+from algos.samplers.fused_decode import FusedDecoder, supports_fused_decode
 from algos.samplers.nucleus import sample_top_p
 
 __all__ = ["PrefixSharingSampler", "SamplerStats", "cache_keyword", "stop_candidate_mask"]
@@ -178,13 +179,18 @@ class PrefixSharingSampler:
             prompt's keys/values for all its rows) where the model qualifies
             (`supports_cascade`); False, or a model that does not qualify, expands the prompt's
             cache to every row (``prealloc_tokens`` then applies to the whole row).
+        fused_decode: with cascade attention, run each decode step as `algos.samplers.fused_decode`'s
+            few fused tensor operations instead of the model's forward pass, where the model
+            qualifies (`supports_fused_decode`: Llama, Mistral, Qwen2 layouts). Same function,
+            float rounding aside; False always calls the model's forward.
 
     Raises:
         ValueError: a bad argument (named), or a tokenizer without EOS.
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64, max_context: int | None = None,
-                 bucket_slack: float = 0.25, prealloc_tokens: int = 256, cascade: bool = True):
+                 bucket_slack: float = 0.25, prealloc_tokens: int = 256, cascade: bool = True,
+                 fused_decode: bool = True):
         max_context = check_sampler_args(model, tokenizer, max_batch_size, max_context, "PrefixSharingSampler")
         if isinstance(bucket_slack, bool) or not isinstance(bucket_slack, (int, float)) or not bucket_slack >= 0:
             raise ValueError(f"bucket_slack: expected a number >= 0, got {bucket_slack!r}")
@@ -199,6 +205,10 @@ class PrefixSharingSampler:
         if not isinstance(cascade, bool):
             raise ValueError(f"cascade: expected a bool, got {cascade!r}")
         self.cascade = cascade
+        if not isinstance(fused_decode, bool):
+            raise ValueError(f"fused_decode: expected a bool, got {fused_decode!r}")
+        self.fused_decode = fused_decode
+        self._decoder: FusedDecoder | None = None
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
         self.stats = SamplerStats()
@@ -330,13 +340,28 @@ class PrefixSharingSampler:
             if self.cascade and supports_cascade(self.model, cache):
                 # one copy of each prompt's keys/values for all its rows (algos.samplers.decode_cache)
                 chunk_cache = cascade_cache(cache, mask, src, reserve=max(reserve, 1), limit=steps)
-                with cascade_decoding(self.model, chunk_cache):
-                    outs = self._decode(chunk_cache, logits[src], None, lengths[src], cap, params, generator)
+                decoder = self._fused_decoder()
+                if decoder is not None:  # the decode step as a few fused tensor ops (algos.samplers.fused_decode)
+                    outs = self._decode(chunk_cache, logits[src], None, lengths[src], cap, params, generator,
+                                        step=lambda tok, pos, c=chunk_cache: decoder.step(tok, pos, c))
+                else:
+                    with cascade_decoding(self.model, chunk_cache):
+                        outs = self._decode(chunk_cache, logits[src], None, lengths[src], cap, params, generator)
             else:
                 chunk_cache = expand_cache(cache, src, reserve=reserve, limit=mask.shape[1] + steps)
                 outs = self._decode(chunk_cache, logits[src], mask[src], lengths[src], cap, params, generator)
             for (_, (i, j)), comp in zip(chunk, outs):
                 results[i][j] = comp
+
+    def _fused_decoder(self) -> FusedDecoder | None:
+        """The model's `FusedDecoder` with its weight layout up to date, or None (``fused_decode`` off
+        or a model it does not support)."""
+        if not self.fused_decode or not supports_fused_decode(self.model):
+            return None
+        if self._decoder is None or self._decoder.model is not self.model:
+            self._decoder = FusedDecoder(self.model)
+        self._decoder.begin()
+        return self._decoder
 
     def _stop_mask(self, stop_strings: tuple[str, ...], vocab_size: int, device) -> torch.Tensor:
         key = (stop_strings, vocab_size, str(device))
@@ -345,7 +370,8 @@ class PrefixSharingSampler:
         return self._stop_masks[key]
 
     def _decode(self, cache, logits: torch.Tensor, mask: torch.Tensor | None, prompt_lengths: torch.Tensor,
-                caps: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> list[Completion]:
+                caps: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                step=None) -> list[Completion]:
         """The decode loop for one chunk of B rows.
 
         Args:
@@ -355,6 +381,8 @@ class PrefixSharingSampler:
                 cache, which holds the padding itself (the model is then called without a mask).
             prompt_lengths: (B,) long, tokens; the position of a row's first new token.
             caps: (B,) long, most new tokens per row (>= 1).
+            step: ``step(tokens (B,), positions (B,)) -> (B, V) float32 logits`` that appends the
+                tokens to ``cache`` (`FusedDecoder.step`); None calls the model's forward pass.
         Returns:
             B completions, in row order.
         """
@@ -415,11 +443,14 @@ class PrefixSharingSampler:
             # ---- one forward step for the live rows
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
-                             use_cache=True, **fwd_kwargs)
+            if step is not None:
+                logits = step(tok, position)
+            else:
+                out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=position[:, None],
+                                 use_cache=True, **fwd_kwargs)
+                logits = out.logits[:, -1, :].float()
             self.stats.decode_calls += 1
             self.stats.decode_rows += tok.shape[0]
-            logits = out.logits[:, -1, :].float()
             position = position + 1
 
         tokens, logprobs, lengths = out_tok.cpu().tolist(), out_lp.cpu().tolist(), lengths.cpu().tolist()

@@ -17,8 +17,11 @@ the SAME prefixes are continued K times through `algos.rollout.continue_states` 
 2. ``hf_batched``: `algos.samplers.hf.HFSampler`, all prefixes x K rows batched (``--batch-size`` rows);
 3. ``fast_expanded``: `algos.samplers.prefix_sharing.PrefixSharingSampler` with ``cascade=False``
    (one prefill per prefix, its KV cache copied to each of its K rows, finished rows dropped);
-4. ``fast``: the same sampler as used in training, with shared-prefix (cascade) attention: each
-   prefix's keys/values are kept and read once for all its K rows (`algos.samplers.decode_cache`).
+4. ``fast_unfused``: the same sampler with shared-prefix (cascade) attention: each prefix's keys/values
+   are kept and read once for all its K rows (`algos.samplers.decode_cache`), every decode step through
+   the model's forward pass (``fused_decode=False``);
+5. ``fast``: the sampler as used in training: cascade attention inside the fused decode step
+   (`algos.samplers.fused_decode`: fused q/k/v and gate/up products, no per-step module plumbing).
 
 ``--task gsm8k`` takes the prefixes from the tiny GSM8K model's trajectories instead (longer
 prompts and steps: GSM8K-length prefixes, where sharing the prefix should pay more).
@@ -141,15 +144,17 @@ class Counting:
 
 
 class ForwardWork:
-    """Counts the token positions the model's forward passes process (rows x sequence length per
-    call, padding included): the work a sampler asks of the model, independent of machine load."""
+    """Counts the token positions the model processes (rows x sequence length per call, padding
+    included): the work a sampler asks of the model, independent of machine load. Counted at the input
+    embedding, which both the model's forward pass and the fused decode step
+    (`algos.samplers.fused_decode`) call with the token ids."""
 
     def __init__(self, model):
         self.positions, self.calls = 0, 0
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = model.get_input_embeddings().register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("input", args[0] if args else None)
         self.positions += ids.numel()
         self.calls += 1
 
@@ -192,7 +197,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=2, help="runs per sampler (interleaved); the fastest is reported")
     ap.add_argument("--seed", type=int, default=0)
-    names = ["naive", "hf_batched", "fast_expanded", "fast"]
+    names = ["naive", "hf_batched", "fast_expanded", "fast_unfused", "fast"]
     ap.add_argument("--only", nargs="*", default=names, choices=names)
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv")))
     ap.add_argument("--out", type=Path, default=None,
@@ -227,6 +232,8 @@ def main(argv=None) -> dict:
         "hf_batched": lambda: HFSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
         "fast_expanded": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context,
                                                       cascade=False),
+        "fast_unfused": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context,
+                                                     fused_decode=False),
         "fast": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
     }
     work = ForwardWork(policy)
@@ -259,7 +266,7 @@ def main(argv=None) -> dict:
         row["positions_per_token"] = best_wall["forward_positions"] / best_wall["tokens"]
     for name, row in rows.items():
         for key in ("tokens_per_s", "tokens_per_cpu_s"):
-            for base in ("naive", "hf_batched", "fast_expanded"):
+            for base in ("naive", "hf_batched", "fast_expanded", "fast_unfused"):
                 row[f"{key}_x_{base}"] = row[key] / rows[base][key] if base in rows else float("nan")
 
     info = machine()
@@ -267,15 +274,17 @@ def main(argv=None) -> dict:
           f"transformers {info['transformers']}, {info['date']}")
     print(f"{len(states)} prefixes x K={args.k}, max_new_tokens={args.max_new_tokens}, batch {args.batch_size}, "
           f"best of {args.repeats} runs")
-    print(f"{'sampler':<13} {'tok/s wall':>10} {'x naive':>8} {'x hf':>6} {'x exp':>6} | {'tok/cpu-s':>10} "
-          f"{'x naive':>8} {'x hf':>6} {'x exp':>6} | {'fwd pos/tok':>11}")
+    print(f"{'sampler':<13} {'tok/s wall':>10} {'x naive':>8} {'x hf':>6} {'x exp':>6} {'x unf':>6} | {'tok/cpu-s':>10} "
+          f"{'x naive':>8} {'x hf':>6} {'x exp':>6} {'x unf':>6} | {'fwd pos/tok':>11}")
     for name, row in rows.items():
         print(f"{name:<13} {row['tokens_per_s']:10.1f} {row['tokens_per_s_x_naive']:8.2f} "
-              f"{row['tokens_per_s_x_hf_batched']:6.2f} {row['tokens_per_s_x_fast_expanded']:6.2f} | "
+              f"{row['tokens_per_s_x_hf_batched']:6.2f} {row['tokens_per_s_x_fast_expanded']:6.2f} "
+              f"{row['tokens_per_s_x_fast_unfused']:6.2f} | "
               f"{row['tokens_per_cpu_s']:10.1f} {row['tokens_per_cpu_s_x_naive']:8.2f} "
-              f"{row['tokens_per_cpu_s_x_hf_batched']:6.2f} {row['tokens_per_cpu_s_x_fast_expanded']:6.2f} | "
-              f"{row['positions_per_token']:11.2f}")
-    print("x exp: against fast_expanded (the same sampler without shared-prefix attention)")
+              f"{row['tokens_per_cpu_s_x_hf_batched']:6.2f} {row['tokens_per_cpu_s_x_fast_expanded']:6.2f} "
+              f"{row['tokens_per_cpu_s_x_fast_unfused']:6.2f} | {row['positions_per_token']:11.2f}")
+    print("x exp: against fast_expanded (the same sampler without shared-prefix attention); x unf: against "
+          "fast_unfused (cascade attention, the model's forward pass per decode step)")
     print("fwd pos/tok: token positions run through the model (prefill + decode, padding and finished rows "
           "included) per returned token")
     result = {"machine": info, "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -36,6 +36,8 @@ steps):
 * ``ours-fast+old``: the same as ``ours-fast`` with the separate π_old log-prob pass forced back on (the
   code path before `algos.actor.single_step` let a one-step update reuse its training pass; done here by
   replacing ``algos.actor.single_step`` for that side only): the before/after of that change.
+* ``ours-fast-unfused``: the same as ``ours-fast`` with ``PrefixSharingSampler(fused_decode=False)``: each decode
+  step through the model's forward pass instead of `algos.samplers.fused_decode` (the code before that change).
 * ``ours-fast-noshare``: the same as ``ours-fast`` with ``share_prompt_forward=False`` (every row's prompt +
   response in one training forward pass, the code before the shared-prompt forward,
   `algos.models.policy.shared_prompt_logprobs`): the before/after of that change.
@@ -68,7 +70,7 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-SIDES = ("trl", "ours-fast", "ours-fast-noshare", "ours-fast+old", "ours-hf")
+SIDES = ("trl", "ours-fast", "ours-fast-unfused", "ours-fast-noshare", "ours-fast+old", "ours-hf")
 PHASES = ("sampling", "grading", "logprob passes", "update", "other")
 G, MAX_NEW, LR = 8, 64, 1e-5
 
@@ -92,7 +94,8 @@ class Ours:
     """Our GRPO on its own copy of the model: ``step(k)`` runs one `GRPO.iteration` on train problem k and
     returns (seconds, completion tokens, phases in seconds, problem id)."""
 
-    def __init__(self, model_dir: Path, sampler: str, forced: bool, old_pass: bool, seed: int, share: bool = True):
+    def __init__(self, model_dir: Path, sampler: str, forced: bool, old_pass: bool, seed: int, share: bool = True,
+                 fused: bool = True):
         from algos.config import with_fields
         from algos.grpo import GRPO, GRPOConfig
         from algos.models.policy import load_policy
@@ -111,6 +114,8 @@ class Ours:
         context = policy.config.max_position_embeddings
         env = LanguageEnv(task, tokenizer, split="train", max_new_tokens=MAX_NEW, max_context=context)
         sampler_ = make_sampler(sampler, policy, tokenizer, max_batch_size=64, max_context=context, workdir=Path("."))
+        if not fused:
+            sampler_.fused_decode = False
         # β = 0: the reference is never run; the policy stands in for it
         self.ctx = TrainContext(task, env, sampler_, policy, policy, tokenizer, seed)
         self.ctx.generator.manual_seed(seed)
@@ -150,6 +155,7 @@ def run_mode(mode: str, args) -> dict:
     forced = mode == "forced64"
     steps = 1 + args.repeats
     ours = {"ours-fast": Ours(args.model, "fast", forced, False, args.seed),
+            "ours-fast-unfused": Ours(args.model, "fast", forced, False, args.seed, fused=False),
             "ours-fast-noshare": Ours(args.model, "fast", forced, False, args.seed, share=False),
             "ours-fast+old": Ours(args.model, "fast", forced, True, args.seed),
             "ours-hf": Ours(args.model, "hf", forced, False, args.seed)}
