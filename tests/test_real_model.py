@@ -87,3 +87,28 @@ def test_no_chat_template_encodes_the_raw_prompt():
     assert ids == tuple(plain(task.prompt(problem)).input_ids)
     templated = LanguageEnv(task, with_template, split="test").prompt_ids(problem)
     assert with_template.decode(templated).endswith("<|im_start|>assistant\n") and len(templated) > len(ids)
+
+
+def test_fused_decode_step_on_smollm2_matches_its_forward():
+    """SmolLM2 (Llama layout, 9 query heads over 3 KV heads, tied embeddings) qualifies for the fused
+    decode step (`algos.samplers.fused_decode`); with it the sampler's greedy completions and
+    log-probs are those of the model's own forward pass (float32: log-probs within 1e-3 nats)."""
+    import torch
+
+    from algos.models.policy import load_policy
+    from algos.models.pretrained import resolve_pretrained
+    from algos.samplers.base import SamplingParams
+    from algos.samplers.fused_decode import supports_fused_decode
+    from algos.samplers.prefix_sharing import PrefixSharingSampler
+
+    torch.set_num_threads(2)
+    policy, tok = load_policy(resolve_pretrained("smollm2-135m", RunConfig().cache_dir), dtype=torch.float32)
+    assert supports_fused_decode(policy)
+    prompts = [tok.encode(t) for t in ("Compute 12 + 7 * 3. Answer:", "Janet has 3 apples and buys 5 more. She now has")]
+    params = SamplingParams(temperature=0.0, max_new_tokens=24, n=2)
+    fused = PrefixSharingSampler(policy, tok).generate(prompts, params)
+    plain = PrefixSharingSampler(policy, tok, fused_decode=False).generate(prompts, params)
+    for ra, rb in zip(fused, plain):
+        for x, y in zip(ra, rb):
+            assert x.token_ids == y.token_ids and len(x.token_ids) > 0
+            assert max(abs(a - b) for a, b in zip(x.logprobs, y.logprobs)) < 1e-3

@@ -34,6 +34,10 @@ the sampler keeps its own reference and never reads it back from the model's out
    token could complete one: a boolean vocabulary mask, computed once per (stop strings, vocab
    size), marks tokens whose text contains the last character of a stop string (or could: U+FFFD,
    empty text, ids the tokenizer does not know); only those rows decode their tail window.
+4. **A fused decode step.** With cascade attention on a Llama / Mistral / Qwen2 layout, a decode step
+   does not call the model's forward pass: `algos.samplers.fused_decode.FusedDecoder` computes the
+   same function with fused q/k/v and gate/up products and no per-step module plumbing (the
+   model's own forward still runs every prefill, and every decode step of other models).
 
 Rows (prompt x sample) are run in chunks of at most ``max_batch_size`` sequences. With a seed, a
 `torch.Generator` owned by the call draws every sample; the global RNG is never touched. As with
