@@ -113,7 +113,7 @@ def test_sampler_with_cascade_equals_the_expanded_cache(model64, tok, temperatur
         hook = model64.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(m.config._attn_implementation))
         try:
             sampler = PrefixSharingSampler(model64, tok, max_batch_size=8, cascade=path != "expanded",
-                                           fused_decode=path == "fused")
+                                           fused_decode=path == "fused", continuous=False)
             runs[path] = (sampler.generate(prompts, params, seed=11), sampler.stats)
         finally:
             hook.remove()

@@ -153,7 +153,8 @@ def test_sampler_gives_the_same_completions_with_and_without_the_fused_step(tok,
     model = _model(tok, "llama").double()
     prompts = _mixed_prompts(tok)
     params = SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=24, stop_strings=stop, n=5)
-    fused = PrefixSharingSampler(model, tok, max_batch_size=8)
+    # chunked decoding on both sides: the same batches, so the same draws (refill: tests/test_refill.py)
+    fused = PrefixSharingSampler(model, tok, max_batch_size=8, continuous=False)
     plain = PrefixSharingSampler(model, tok, max_batch_size=8, fused_decode=False)
     a, b = fused.generate(prompts, params, seed=3), plain.generate(prompts, params, seed=3)
     assert fused._decoder is not None and plain._decoder is None
@@ -170,7 +171,7 @@ def test_an_optimiser_step_rebuilds_the_fused_weights(tok):
     model = _model(tok, "llama").double()
     prompts = _mixed_prompts(tok)
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16, n=4)
-    fused = PrefixSharingSampler(model, tok, max_batch_size=16)
+    fused = PrefixSharingSampler(model, tok, max_batch_size=16, continuous=False)
     plain = PrefixSharingSampler(model, tok, max_batch_size=16, fused_decode=False)
     first = fused.generate(prompts, params, seed=5)
     decoder_weights = fused._decoder._layers[0].qkv[0]

@@ -41,7 +41,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = ["CASCADE_ATTENTION", "CASCADE_MODEL_TYPES", "cascade_attention", "cascade_cache", "cascade_decoding",
-           "expand_cache", "shared_prefix_attention", "supports_cascade"]
+           "expand_cache", "shared_prefix_attention", "supports_cascade", "supports_cascade_model"]
 
 CASCADE_ATTENTION = "langenv_cascade"
 #: Model types whose attention is plain scaled dot-product attention over the cache (no soft-capping,
@@ -211,11 +211,11 @@ class _CascadeCache(Cache):
             layer.batch_select_indices(indices)
 
 
-def supports_cascade(model, cache: Cache) -> bool:
-    """Whether the decode steps of ``model`` after a prefill into ``cache`` can use cascade attention:
-    a model type in `CASCADE_MODEL_TYPES`, attention through transformers' `AttentionInterface`
-    (``_can_set_attn_implementation``), currently ``sdpa`` or ``eager``, and only plain
-    full-attention (`DynamicLayer`) cache layers, all filled."""
+def supports_cascade_model(model) -> bool:
+    """Whether ``model`` qualifies for cascade attention before any prefill: a model type in
+    `CASCADE_MODEL_TYPES`, attention through transformers' `AttentionInterface`
+    (``_can_set_attn_implementation``), currently ``sdpa`` or ``eager``, and a `DynamicCache` built
+    from its config holding only plain full-attention (`DynamicLayer`) layers."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in CASCADE_MODEL_TYPES:
         return False
@@ -223,6 +223,16 @@ def supports_cascade(model, cache: Cache) -> bool:
         return False
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if can_set is None or not can_set():
+        return False
+    layers = DynamicCache(config=config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def supports_cascade(model, cache: Cache) -> bool:
+    """Whether the decode steps of ``model`` after a prefill into ``cache`` can use cascade attention:
+    `supports_cascade_model`, and ``cache`` holds only plain full-attention (`DynamicLayer`) layers,
+    all filled."""
+    if not supports_cascade_model(model):
         return False
     return bool(cache.layers) and all(type(layer) is DynamicLayer and layer.is_initialized
                                       and layer.get_seq_length() > 0 for layer in cache.layers)

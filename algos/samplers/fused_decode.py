@@ -169,6 +169,13 @@ class FusedDecoder:
             self._cos, self._sin = cos[0], sin[0]  # (P, d) in the model's dtype
         return self._cos[positions][:, None], self._sin[positions][:, None]
 
+    @staticmethod
+    def _attend(q, k, v, cache, index: int) -> torch.Tensor:
+        """Append k, v (B, H_kv, 1, d) to layer ``index`` of ``cache``; attention of q (B, H, d) over it."""
+        cache_layer = cache.layers[index]
+        keys, values = cache_layer.update(k, v)
+        return shared_prefix_attention(q, keys, values, cache_layer, cache.rows)
+
     def begin(self) -> None:
         """Bring the weight layout up to date; call once per sampling call, before its steps."""
         self._prepare()
@@ -179,8 +186,11 @@ class FusedDecoder:
         Args:
             tokens: (B,) long, the token each row appends.
             positions: (B,) long, its position (the row's length so far, padding excluded).
-            cache: the chunk's cascade cache (`algos.samplers.decode_cache.cascade_cache`); each
-                layer's suffix gains the new token's keys/values.
+            cache: the chunk's cascade cache (`algos.samplers.decode_cache.cascade_cache`), or a
+                list of them (cohorts: rows that started decoding at different steps, each with its
+                own prefixes and suffix length) whose rows, in list order, are the B rows. Each
+                layer's suffix gains the new token's keys/values. The projections and the MLP run
+                once over all B rows; attention runs per cache.
 
         Returns:
             (B, V) float32 logits.
@@ -193,6 +203,8 @@ class FusedDecoder:
         """The final (normed) hidden state of every row, (B, hidden) in the model's dtype: `step`
         without the output head. Same arguments as `step`."""
         model = self.model
+        caches = cache if isinstance(cache, (list, tuple)) else [cache]
+        sizes = [c.rows.src.numel() for c in caches]
         x = model.model.embed_tokens(tokens)  # (B, hidden); the module, so that its hooks see the step
         rows = x.shape[0]
         cos, sin = self._rope(positions)
@@ -209,9 +221,12 @@ class FusedDecoder:
             q = qk[:, :heads] * self.scale
             k = qk[:, heads:].unsqueeze(2)
             v = qkv[:, n_qk:].view(rows, heads_kv, 1, d)
-            cache_layer = cache.layers[layer.index]
-            keys, values = cache_layer.update(k, v)
-            o = shared_prefix_attention(q, keys, values, cache_layer, cache.rows).reshape(rows, heads * d)
+            if len(caches) == 1:
+                o = self._attend(q, k, v, caches[0], layer.index)
+            else:
+                o = torch.cat([self._attend(qc, kc, vc, c, layer.index) for qc, kc, vc, c in
+                               zip(q.split(sizes), k.split(sizes), v.split(sizes), caches)])
+            o = o.reshape(rows, heads * d)
             x = torch.addmm(x, o, layer.o)
             if layer.o_bias is not None:
                 x = x + layer.o_bias

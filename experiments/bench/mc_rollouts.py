@@ -20,8 +20,11 @@ the SAME prefixes are continued K times through `algos.rollout.continue_states` 
 4. ``fast_unfused``: the same sampler with shared-prefix (cascade) attention: each prefix's keys/values
    are kept and read once for all its K rows (`algos.samplers.decode_cache`), every decode step through
    the model's forward pass (``fused_decode=False``);
-5. ``fast``: the sampler as used in training: cascade attention inside the fused decode step
-   (`algos.samplers.fused_decode`: fused q/k/v and gate/up products, no per-step module plumbing).
+5. ``fast_chunked``: cascade attention inside the fused decode step (`algos.samplers.fused_decode`: fused
+   q/k/v and gate/up products, no per-step module plumbing), rows decoded chunk by chunk
+   (``continuous=False``);
+6. ``fast``: the sampler as used in training: the fused step with continuous batching
+   (`algos.samplers.refill`: the batch is refilled with the next rows as rows finish).
 
 ``--task gsm8k`` takes the prefixes from the tiny GSM8K model's trajectories instead (longer
 prompts and steps: GSM8K-length prefixes, where sharing the prefix should pay more).
@@ -197,7 +200,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=2, help="runs per sampler (interleaved); the fastest is reported")
     ap.add_argument("--seed", type=int, default=0)
-    names = ["naive", "hf_batched", "fast_expanded", "fast_unfused", "fast"]
+    names = ["naive", "hf_batched", "fast_expanded", "fast_unfused", "fast_chunked", "fast"]
     ap.add_argument("--only", nargs="*", default=names, choices=names)
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("LANGENV_CACHE", Path.home() / ".cache" / "langenv")))
     ap.add_argument("--out", type=Path, default=None,
@@ -234,6 +237,8 @@ def main(argv=None) -> dict:
                                                       cascade=False),
         "fast_unfused": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context,
                                                      fused_decode=False),
+        "fast_chunked": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context,
+                                                     continuous=False),
         "fast": lambda: PrefixSharingSampler(policy, tok, max_batch_size=args.batch_size, max_context=context),
     }
     work = ForwardWork(policy)
